@@ -1,0 +1,1 @@
+"""The cloud tier: registry, ingest, Celery training pipeline, artifact publishing."""

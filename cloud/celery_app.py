@@ -1,0 +1,85 @@
+"""The Celery application: broker and results on Redis (``EDGEFLEET_REDIS_URL``), or kombu's
+``sqla+sqlite://`` transport when no Redis is reachable (set ``EDGEFLEET_CELERY_BROKER_URL``)."""
+
+from __future__ import annotations
+
+import logging
+import os
+from functools import lru_cache
+
+from celery import Celery
+
+from shared.settings import load_settings
+from shared.settings.cloud import CloudSettings
+
+logger = logging.getLogger(__name__)
+
+CONFIG_ENV = "EDGEFLEET_CLOUD_CONFIG"
+
+
+_override: list[CloudSettings] = []
+
+
+@lru_cache(maxsize=1)
+def _from_environment() -> CloudSettings:
+    return load_settings(CloudSettings, os.environ.get(CONFIG_ENV))
+
+
+def get_settings() -> CloudSettings:
+    """Settings of this process: those given to ``use_settings``, else the YAML file named by
+    ``EDGEFLEET_CLOUD_CONFIG`` and the environment (read once)."""
+    return _override[-1] if _override else _from_environment()
+
+
+def use_settings(settings: CloudSettings | None) -> None:
+    """Make the task functions use ``settings`` when they run in this process (the in-process CLI);
+    ``None`` goes back to the environment's."""
+    _override[:] = [settings] if settings is not None else []
+
+
+def result_backend_for(settings: CloudSettings) -> str:
+    if settings.celery_result_url:
+        return settings.celery_result_url
+    if settings.resolved_broker_url.startswith("sqla+"):
+        # No Redis: keep results in a SQLite file next to the registry.
+        return f"db+sqlite:///{(settings.data_dir / 'celery-results.db').resolve()}"
+    return settings.redis_url
+
+
+def _rollout_tick_s() -> float:
+    from cloud.rollouts import TICK_S  # noqa: PLC0415
+
+    return TICK_S
+
+
+def make_app(settings: CloudSettings | None = None) -> Celery:
+    settings = settings or get_settings()
+    app = Celery("edgefleet", include=["cloud.tasks", "cloud.triggers", "cloud.rollout_tasks"])
+    if settings.resolved_broker_url.startswith("sqla+sqlite"):
+        settings.data_dir.mkdir(parents=True, exist_ok=True)
+    app.conf.update(
+        broker_url=settings.resolved_broker_url,
+        result_backend=result_backend_for(settings),
+        task_serializer="json",
+        result_serializer="json",
+        accept_content=["json"],
+        task_acks_late=True,  # a task whose worker dies is redelivered (tasks are idempotent)
+        task_reject_on_worker_lost=True,
+        worker_prefetch_multiplier=1,
+        task_track_started=True,
+        result_expires=7 * 86400,
+        broker_connection_retry_on_startup=True,
+        worker_hijack_root_logger=False,
+        timezone="UTC",
+        beat_schedule={
+            "check-retrain-triggers": {
+                "task": "edgefleet.triggers.check",
+                "schedule": settings.thresholds.trigger_check_s,
+            },
+            "tick-rollouts": {"task": "edgefleet.rollouts.tick", "schedule": _rollout_tick_s()},
+        },
+    )
+    return app
+
+
+app = make_app()

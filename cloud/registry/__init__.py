@@ -1,0 +1,1 @@
+"""The registry: SQLAlchemy models, sessions, Alembic migrations and keyword-only CRUD functions."""

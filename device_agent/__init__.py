@@ -1,0 +1,1 @@
+"""The edgefleet device agent: sensor -> windows -> durable outbox -> MQTT, plus commands and health."""

@@ -1,0 +1,1 @@
+"""edgefleet edge node: batched LiteRT inference, local decisions, uplink and model hot-swap."""

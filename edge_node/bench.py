@@ -1,0 +1,510 @@
+"""``edgefleet bench edge``: the edge pipeline against the raw broker path and a naive pipeline.
+
+All in one run on one machine, with a private mosquitto (free port, ``set_tcp_nodelay true``):
+
+- throughput phases drain a backlog: N windows are queued on the broker for a persistent session
+  while its subscriber is away, then the subscriber comes back and the rate between 10% and 90%
+  of N is measured. The publisher's speed therefore does not enter the measurement:
+  ``raw_broker_windows_per_s`` (a subscriber that does nothing), ``edge_windows_per_s`` (the real
+  edge process: decode, validate, dedup, batch, infer, rules) and ``naive_windows_per_s`` (JSON
+  payloads, one ``tf.lite.Interpreter`` invoke per message);
+- ``latency_ms``: device publish -> edge decision -> command received by the device, at a fixed
+  1,000 windows/s, with a rule that fires on every window;
+- ``rss_mb``: the edge process's peak resident memory over both edge phases.
+
+Each subscriber runs in its own process so that none shares a GIL with the publisher.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import json
+import os
+import shutil
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, Final
+
+import click
+import numpy as np
+
+from edge_node import modelgen
+from shared.codec import encode_window
+from shared.mqtt import MqttLink
+from shared.schemas import Command, Decision, EdgeMetrics, decode_message
+from shared.settings import MqttSettings
+from shared.topics import DeviceTopic, EdgeTopic, Topics
+
+DEVICES: Final = 100
+LATENCY_RATE_HZ: Final = 1000.0
+# Per-client QoS1 messages in flight (mosquitto's default is 20). It is the edge's flow control:
+# with PUBACK after decision the broker sends only as far ahead as the edge keeps up.
+BROKER_MAX_INFLIGHT: Final = 256
+EDGE_ID: Final = "bench-edge"
+START_TIMEOUT_S: Final = 120.0
+_TS = struct.Struct("<d")
+_TS_OFFSET: Final = 20  # of the window's ts in the codec header, re-stamped at send time
+
+# The subscriber process of the raw and naive phases (run with ``python -c``).
+_SUBSCRIBER = r"""
+import json, sys, time
+import paho.mqtt.client as paho
+from paho.mqtt.enums import CallbackAPIVersion
+mode, port, client_id, topic = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
+total = int(sys.argv[5])
+state = {"n": 0, "t10": None, "t90": None}
+lo, hi = max(1, total // 10), max(2, total * 9 // 10)
+if mode == "naive":
+    import os
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    import warnings
+    warnings.simplefilter("ignore")
+    import numpy as np
+    import tensorflow as tf
+    interpreter = tf.lite.Interpreter(model_path=sys.argv[6])
+    interpreter.allocate_tensors()
+    inp = interpreter.get_input_details()[0]
+    out = interpreter.get_output_details()[0]
+    in_scale, in_zero = inp["quantization"]
+def on_message(client, userdata, msg):
+    if mode == "naive":  # as a tutorial would: JSON, one invoke per message, no batching
+        doc = json.loads(msg.payload)
+        x = np.array(doc["values"], dtype=np.float32)[None, ...]
+        if in_scale:
+            x = np.clip(np.round(x / in_scale + in_zero), -128, 127).astype(np.int8)
+        interpreter.set_tensor(inp["index"], x)
+        interpreter.invoke()
+        int(np.argmax(interpreter.get_tensor(out["index"])[0]))
+    state["n"] += 1
+    n = state["n"]
+    if n == lo:
+        state["t10"] = time.perf_counter()
+    if n == hi:
+        state["t90"] = time.perf_counter()
+        client.disconnect()
+def on_socket_open(client, userdata, sock):
+    import socket
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+def on_connect(client, userdata, flags, reason, props):
+    client.subscribe(topic, 1)
+    if mode == "subscribe":
+        client.disconnect()
+client = paho.Client(CallbackAPIVersion.VERSION2, client_id=client_id, clean_session=False)
+client.on_socket_open = on_socket_open
+client.on_connect = on_connect
+client.on_message = on_message
+client.on_subscribe = lambda *a: print("subscribed", flush=True)
+client.connect("127.0.0.1", port)
+client.loop_forever()
+if mode != "subscribe":
+    print(json.dumps({"rate": (hi - lo) / (state["t90"] - state["t10"])}))
+"""
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@contextlib.contextmanager
+def private_mosquitto(workdir: Path, max_inflight: int = BROKER_MAX_INFLIGHT) -> Iterator[int]:
+    binary = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
+    port = _free_port()
+    conf = workdir / "mosquitto.conf"
+    conf.write_text(
+        f"listener {port} 127.0.0.1\nallow_anonymous true\nset_tcp_nodelay true\npersistence false\n"
+        f"max_inflight_messages {max_inflight}\nmax_queued_messages 0\nmax_queued_bytes 0\n"
+        "log_type error\n"
+    )
+    with (workdir / "mosquitto.log").open("ab") as log:
+        proc = subprocess.Popen([binary, "-c", str(conf)], stdout=log, stderr=log)
+    try:
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                break
+            time.sleep(0.02)
+        yield port
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+def ensure_models() -> dict[str, Path]:
+    """The bench models, built once (TensorFlow in a subprocess) and cached in the temp dir."""
+    source = Path(modelgen.__file__).read_bytes()
+    import hashlib  # noqa: PLC0415
+
+    cache = Path(tempfile.gettempdir()) / f"edgefleet-test-models-{hashlib.sha256(source).hexdigest()[:12]}"
+    if not (cache / "models.json").exists():
+        work = Path(tempfile.mkdtemp(prefix="edgefleet-models-"))
+        env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "CUDA_VISIBLE_DEVICES": ""}
+        subprocess.run(
+            [sys.executable, "-m", "edge_node.modelgen", str(work)], check=True, capture_output=True, env=env
+        )
+        paths = json.loads((work / "models.json").read_text())
+        (work / "models.json").write_text(
+            json.dumps({k: str(cache / Path(v).name) for k, v in paths.items()})
+        )
+        try:
+            work.rename(cache)
+        except OSError:
+            shutil.rmtree(work, ignore_errors=True)
+    return {k: Path(v) for k, v in json.loads((cache / "models.json").read_text()).items()}
+
+
+def _payloads(count: int, *, as_json: bool, prefix: str = "dev") -> list[tuple[str, bytes]]:
+    topics = Topics()
+    rng = np.random.default_rng(0)
+    base = [modelgen.synthetic_window(c % 4, rng) for c in range(64)]
+    out = []
+    for i in range(count):
+        device = f"{prefix}-{i % DEVICES:04d}"
+        seq = i // DEVICES
+        values = base[i % 64] + np.float32(i * 1e-6)  # distinct windows: the cache must not help
+        if as_json:
+            doc = {"device_id": device, "seq": seq, "ts": time.time(), "values": values.tolist()}
+            payload = json.dumps(doc).encode()
+        else:
+            payload = encode_window(
+                device_id=device,
+                seq=seq,
+                ts=time.time(),
+                sample_rate_hz=100.0,
+                channels=modelgen.CHANNELS,
+                values=values,
+            )
+        out.append((topics.telemetry(device), payload))
+    return out
+
+
+def _publish_all(port: int, payloads: list[tuple[str, bytes]]) -> None:
+    link = MqttLink(
+        MqttSettings(url=f"mqtt://127.0.0.1:{port}", max_inflight=1000),
+        client_id="bench-pub",
+        track_acks=True,
+    )
+    link.connect()
+    try:
+        for topic, payload in payloads:
+            link.publish(topic, payload, qos=1)
+        acked = 0
+        deadline = time.monotonic() + 300
+        while acked < len(payloads) and time.monotonic() < deadline:
+            link.acked.get(timeout=60)
+            acked += 1
+    finally:
+        link.stop()
+
+
+def _subscriber(
+    mode: str, port: int, client_id: str, total: int, model: Path | None = None
+) -> dict[str, Any]:
+    args = [
+        sys.executable,
+        "-c",
+        _SUBSCRIBER,
+        mode,
+        str(port),
+        client_id,
+        Topics().all_devices(DeviceTopic.TELEMETRY),
+    ]
+    args += [str(total)] + ([str(model)] if model else [])
+    proc = subprocess.run(args, capture_output=True, check=True, timeout=600)
+    lines = proc.stdout.decode().strip().splitlines()
+    return json.loads(lines[-1]) if mode != "subscribe" else {}
+
+
+def _drop_session(port: int, client_id: str) -> None:
+    """Forget a persistent session: later phases must not pay for queuing to an absent subscriber."""
+    link = MqttLink(MqttSettings(url=f"mqtt://127.0.0.1:{port}"), client_id=client_id, clean_session=True)
+    link.connect()
+    link.stop()
+
+
+def _drain_phase(mode: str, port: int, payloads: list[tuple[str, bytes]], model: Path | None = None) -> float:
+    client_id = f"bench-{mode}"
+    _subscriber("subscribe", port, client_id, 1)
+    _publish_all(port, payloads)
+    rate = float(_subscriber(mode, port, client_id, len(payloads), model)["rate"])
+    _drop_session(port, client_id)
+    return rate
+
+
+class EdgeProcess:
+    """``edgefleet edge run`` in a subprocess; reads its Prometheus endpoint; tracks its peak RSS."""
+
+    def __init__(
+        self,
+        workdir: Path,
+        port: int,
+        model: Path,
+        rules: Path | None,
+        *,
+        edge_id: str = EDGE_ID,
+        share_group: str | None = None,
+        overrides: dict[str, Any] | None = None,
+    ) -> None:
+        metrics_port = _free_port()
+        config: dict[str, Any] = {
+            "edge_id": edge_id,
+            "share_group": share_group,
+            "site_broker": {"url": f"mqtt://127.0.0.1:{port}", "max_inflight": 1000},
+            "data_dir": str(workdir / edge_id),
+            "model": {"path": str(model), "class_names": list(modelgen.CLASS_NAMES)},
+            "metrics": {"port": metrics_port, "publish_interval_s": 1.0},
+            "batching": {"max_batch": 64, "max_wait_ms": 0.5, "workers": 1},
+            "uplink": {"random_fraction": 0.0, "low_confidence": 0.0, "min_margin": 0.0},
+            "cache": {"enabled": False},
+        }
+        if rules is not None:
+            config["rules_file"] = str(rules)
+        for key, value in (overrides or {}).items():
+            config[key] = {**config[key], **value} if isinstance(value, dict) else value
+        self.config = workdir / f"{edge_id}.yaml"  # JSON is YAML
+        self.config.write_text(json.dumps(config))
+        self.metrics_port = metrics_port
+        self.workdir = workdir
+        self.log = workdir / f"{edge_id}.log"
+        self.edge_id = edge_id
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.peak_rss = 0
+
+    def start(self) -> None:
+        self.launch()
+        self.wait_ready()
+
+    def launch(self) -> None:
+        log = self.log.open("ab")
+        with log:
+            self.proc = subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "shared.cli",
+                    "--log-level",
+                    "WARNING",
+                    "edge",
+                    "run",
+                    "--config",
+                    str(self.config),
+                ],
+                stdout=log,
+                stderr=log,
+            )
+
+    def wait_ready(self) -> None:
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while time.monotonic() < deadline:
+            if self.scrape().get("edge_windows_total") is not None:
+                return
+            time.sleep(0.02)
+        raise click.ClickException(f"the edge process did not come up; see {self.log}")
+
+    def scrape(self) -> dict[str, float]:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=2) as resp:
+                text = resp.read().decode()
+        except OSError:
+            return {}
+        self.sample_rss()
+        values: dict[str, float] = {}
+        for line in text.splitlines():
+            if line and not line.startswith("#"):
+                name, _, value = line.rpartition(" ")
+                values[name.split("{")[0]] = float(value)
+        return values
+
+    def sample_rss(self) -> None:
+        import psutil  # noqa: PLC0415
+
+        if self.proc is not None:
+            with contextlib.suppress(psutil.Error):
+                self.peak_rss = max(self.peak_rss, psutil.Process(self.proc.pid).memory_info().rss)
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+            self.proc = None
+
+
+def _edge_drain(
+    workdir: Path, port: int, model: Path, payloads: list[tuple[str, bytes]], processes: int = 1
+) -> tuple[float, int]:
+    """Drain rate of ``processes`` edge processes (a shared subscription when more than one)."""
+    group = "bench" if processes > 1 else None
+    edges = [
+        EdgeProcess(workdir, port, model, None, edge_id=f"{EDGE_ID}-{processes}-{i}", share_group=group)
+        for i in range(processes)
+    ]
+    for edge in edges:
+        edge.start()  # creates the persistent session and subscribes
+    for edge in edges:
+        edge.stop()
+    _publish_all(port, payloads)
+    total = len(payloads)
+    lo, hi = total // 10, total * 9 // 10
+    for edge in edges:
+        edge.launch()  # all at once; counting starts with the first endpoint that answers
+    samples: list[tuple[float, float]] = []
+    deadline = time.monotonic() + 600
+    try:
+        while time.monotonic() < deadline:
+            count = sum(edge.scrape().get("edge_windows_total", 0.0) for edge in edges)
+            samples.append((time.perf_counter(), count))
+            if count >= total:  # drained completely: nothing left over for the next phase
+                break
+            time.sleep(0.02)
+    finally:
+        for edge in edges:
+            edge.stop()
+            _drop_session(port, f"edgefleet-edge-{edge.edge_id}-site")
+    rate = (hi - lo) / (_crossing(samples, hi) - _crossing(samples, lo))
+    return rate, max(edge.peak_rss for edge in edges)
+
+
+def _crossing(samples: list[tuple[float, float]], level: float) -> float:
+    """The time the counter reached ``level``, interpolated between two scrapes."""
+    for (t0, c0), (t1, c1) in itertools.pairwise(samples):
+        if c0 < level <= c1:
+            return t0 + (t1 - t0) * (level - c0) / (c1 - c0)
+    last = samples[-1][1] if samples else 0
+    raise click.ClickException(f"the edge never reached {level} windows (last count {last})")
+
+
+def _latency(workdir: Path, port: int, model: Path, seconds: float) -> tuple[dict[str, Any], int, int]:
+    rules = workdir / "rules.yaml"
+    rules.write_text(
+        "rules:\n  - name: every-window\n    class: normal\n    min_probability: 0.0\n"
+        "    command: {name: ping}\n    severity: info\n"
+    )
+    topics = Topics()
+    edge = EdgeProcess(workdir, port, model, rules, edge_id=f"{EDGE_ID}-latency")
+    edge.start()
+    device = MqttLink(
+        MqttSettings(url=f"mqtt://127.0.0.1:{port}", max_inflight=1000), client_id="bench-device"
+    )
+    device.subscribe(topics.all_devices(DeviceTopic.CMD), qos=1)
+    device.subscribe(topics.edge(f"{EDGE_ID}-latency", EdgeTopic.DECISION), qos=1)
+    device.subscribe(topics.edge(f"{EDGE_ID}-latency", EdgeTopic.METRICS), qos=0)
+    device.connect()
+    time.sleep(0.5)
+    payloads = _payloads(int(LATENCY_RATE_HZ * seconds), as_json=False, prefix="lat")
+    sent: dict[tuple[str, int], float] = {}
+    start = time.monotonic()
+    stop_sampling = threading.Event()
+
+    def sample_rss() -> None:
+        while not stop_sampling.wait(0.5):
+            edge.sample_rss()
+
+    sampler = threading.Thread(target=sample_rss, daemon=True)
+    sampler.start()
+    try:
+        for i, (topic, payload) in enumerate(payloads):
+            due = start + i / LATENCY_RATE_HZ
+            delay = due - time.monotonic()
+            if delay > 0:
+                time.sleep(delay)
+            device_id = topic.split("/")[-2]
+            sent[(device_id, i // DEVICES)] = time.monotonic()
+            stamped = payload[:_TS_OFFSET] + _TS.pack(time.time()) + payload[_TS_OFFSET + _TS.size :]
+            device.publish(topic, stamped, qos=1)
+        time.sleep(1.0)
+        commands: dict[str, float] = {}
+        decisions: dict[str, tuple[str, int]] = {}
+        edge_view = None
+        while True:
+            try:
+                msg = device.inbox.get(timeout=1.0)
+            except Exception:  # noqa: BLE001  (queue.Empty: everything arrived)
+                break
+            if msg.topic.endswith("/metrics"):
+                edge_view = decode_message(msg.payload, EdgeMetrics).e2e_latency
+            elif msg.topic.endswith("/cmd"):
+                commands[decode_message(msg.payload, Command).command_id] = msg.received_at
+            else:
+                d = decode_message(msg.payload, Decision)
+                if d.command_id is not None:
+                    decisions[d.command_id] = (d.device_id, d.window_seq)
+    finally:
+        stop_sampling.set()
+        device.stop()
+        edge.stop()
+    # (publish time, latency) per window whose command came back, in publish order.
+    pairs = sorted(
+        (sent[decisions[cid]], (received - sent[decisions[cid]]) * 1000.0)
+        for cid, received in commands.items()
+        if cid in decisions and decisions[cid] in sent
+    )
+    skip = len(pairs) // 10  # the first windows warm caches and connections
+    measured = np.array([lat for _, lat in pairs[skip:]], dtype=np.float64)
+    if not len(measured):
+        raise click.ClickException("no command came back during the latency phase")
+    p50, p90, p99 = (round(float(v), 3) for v in np.percentile(measured, [50, 90, 99]))
+    summary: dict[str, Any] = {"p50": p50, "p90": p90, "p99": p99, "max": round(float(measured.max()), 3)}
+    if edge_view is not None:  # the edge's own view: device timestamp -> decision taken
+        summary["edge_e2e"] = {"p50": round(edge_view.p50_ms, 3), "p99": round(edge_view.p99_ms, 3)}
+    return summary, len(measured), edge.peak_rss
+
+
+@click.command("edge")
+@click.option("--seconds", type=float, default=10.0, show_default=True, help="length of the latency phase")
+@click.option(
+    "--windows", type=int, default=0, help="backlog per throughput phase (default: 3,000 x seconds)"
+)
+@click.option("--json", "as_json", is_flag=True, help="print JSON only (the default output is JSON too)")
+def bench_edge(seconds: float, windows: int, as_json: bool) -> None:  # noqa: ARG001
+    """Edge throughput vs the raw broker and a naive pipeline; decision latency; RSS."""
+    models = ensure_models()
+    model = models["int8"]
+    load_before = os.getloadavg()[0]
+    total = windows or int(3000 * seconds)
+    workdir = Path(tempfile.mkdtemp(prefix="edgefleet-bench-edge-"))
+    try:
+        with private_mosquitto(workdir) as port:
+            binary = _payloads(total, as_json=False)
+            raw = _drain_phase("raw", port, binary)
+            edge_rate, rss_a = _edge_drain(workdir, port, model, binary)
+            shared_rate, _ = _edge_drain(
+                workdir, port, model, _payloads(total, as_json=False, prefix="sh"), 2
+            )
+            naive = _drain_phase("naive", port, _payloads(max(1000, total // 4), as_json=True), model)
+            latency, samples, rss_b = _latency(workdir, port, model, seconds)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    result = {
+        "raw_broker_windows_per_s": round(raw, 1),
+        "edge_windows_per_s": round(edge_rate, 1),
+        "naive_windows_per_s": round(naive, 1),
+        "edge_2proc_shared_windows_per_s": round(shared_rate, 1),
+        "ratio_vs_raw": round(edge_rate / raw, 3),
+        "ratio_vs_naive": round(edge_rate / naive, 3),
+        "latency_ms": latency,
+        "latency_samples": samples,
+        "latency_rate_hz": LATENCY_RATE_HZ,
+        "rss_mb": round(max(rss_a, rss_b) / 1e6, 1),
+        "windows_per_phase": total,
+        "devices": DEVICES,
+        "model": "int8 1D-CNN, 100x3 windows, 4 classes",
+        "cpu_count": os.cpu_count(),
+        # Other work on the machine shares the cores: read every number against these.
+        "load_avg_1m": {"before": round(load_before, 2), "after": round(os.getloadavg()[0], 2)},
+    }
+    click.echo(json.dumps(result))

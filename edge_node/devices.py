@@ -1,0 +1,192 @@
+"""The devices of the edge's site as the edge sees them, relayed to the cloud.
+
+The edge listens (plain, not shared, subscriptions: retained statuses are not delivered to shared
+ones) to every device's retained ``status`` (birth / LWT / shutdown) and ``health`` (heartbeat) on
+the site broker, and notes when each device's telemetry was last classified. Changes of state or
+reported config go to the cloud as a ``DeviceReport`` on the edge's ``devices`` topic (QoS1) within
+``FLUSH_S``; every device the edge knows goes out (``full``) on each connection to the cloud broker
+and every ``FULL_REPORT_S``, which refreshes ``last_seen`` and repairs anything lost.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterable
+from typing import Any, Final
+
+from shared.errors import SchemaError
+from shared.schemas import DeviceReport, DeviceSeen, DeviceStatus, Heartbeat, decode_message, encode_message
+from shared.topics import DeviceTopic, Topics
+
+logger = logging.getLogger(__name__)
+
+FLUSH_S: Final = 0.5  # changes are batched this long before a report goes out
+FULL_REPORT_S: Final = 30.0
+REPORT_CHUNK: Final = 500  # devices per DeviceReport (well under the 1 MiB payload limit)
+# Fields whose change is worth a report at once (last_seen alone waits for the next full report).
+_CHANGE_FIELDS: Final = ("state", "reason", "config", "config_revision", "config_error", "fault")
+
+
+class DeviceTracker:
+    """Thread-safe table of ``DeviceSeen`` by device id; ``report_loop`` publishes it."""
+
+    def __init__(
+        self,
+        edge_id: str,
+        topics: Topics,
+        publish: Callable[[bytes], None],
+        connects: Callable[[], int],
+        *,
+        max_devices: int = 100_000,
+    ) -> None:
+        self.edge_id = edge_id
+        self.topics = topics
+        self._publish = publish
+        self._connects = connects
+        self.max_devices = max_devices
+        self._devices: dict[str, DeviceSeen] = {}
+        self._changed: set[str] = set()
+        self._lock = threading.Lock()
+        self.reports_sent = 0
+        self.rejected = 0
+
+    # -- input (worker threads) ----------------------------------------------------------------------
+    def handles(self, topic: str) -> DeviceTopic | None:
+        """``STATUS`` or ``HEALTH`` when ``topic`` is a device's status or health topic, else None."""
+        if topic.endswith(("/status", "/health")):
+            try:
+                parsed = self.topics.parse(topic)
+            except ValueError:
+                return None
+            if parsed.tier == "dev" and parsed.kind in (DeviceTopic.STATUS, DeviceTopic.HEALTH):
+                return DeviceTopic(parsed.kind)
+        return None
+
+    def on_message(self, topic: str, payload: bytes) -> None:
+        kind = self.handles(topic)
+        if kind is None or not payload:  # an empty payload clears a retained status: nothing to note
+            return
+        device_id = self.topics.parse(topic).entity_id
+        try:
+            message: DeviceStatus | Heartbeat = (
+                decode_message(payload, DeviceStatus)
+                if kind is DeviceTopic.STATUS
+                else decode_message(payload, Heartbeat)
+            )
+        except SchemaError as exc:
+            self.rejected += 1
+            logger.warning("device message on %s ignored: %s", topic, exc)
+            return
+        if message.device_id != device_id:
+            self.rejected += 1
+            logger.warning("%s of %r on %r's topic ignored", message.type, message.device_id, device_id)
+        elif isinstance(message, DeviceStatus):
+            self._on_status(message)
+        else:
+            self._on_heartbeat(message)
+
+    def _update(self, device_id: str, **fields: Any) -> None:
+        with self._lock:
+            old = self._devices.get(device_id)
+            if old is None:
+                if len(self._devices) >= self.max_devices:
+                    return
+                new = DeviceSeen(device_id=device_id, **fields)
+            else:
+                new = old.model_copy(update=fields)
+            self._devices[device_id] = new
+            if old is None or any(getattr(old, f) != getattr(new, f) for f in _CHANGE_FIELDS):
+                self._changed.add(device_id)
+
+    def _on_status(self, status: DeviceStatus) -> None:
+        now = time.time()
+        fields: dict[str, Any] = {
+            "state": status.state,
+            "reason": status.reason,
+            "since": now,
+            "last_seen": now,
+        }
+        if status.state.value == "online":  # a birth carries what the device runs
+            fields.update(
+                agent_version=status.agent_version,
+                sensor=status.sensor,
+                rate_hz=status.rate_hz,
+                window=status.window,
+                hop=status.hop,
+                config=status.config,
+                config_revision=status.config_revision,
+                config_error=status.config_error,
+            )
+        self._update(status.device_id, **fields)
+
+    def _on_heartbeat(self, beat: Heartbeat) -> None:
+        self._update(
+            beat.device_id,
+            last_seen=time.time(),
+            fault=beat.fault,
+            outbox_depth=beat.outbox_depth,
+            dropped_windows=beat.dropped_windows,
+        )
+
+    def saw(self, device_ids: Iterable[str], ts: float) -> None:
+        """Telemetry of these devices was classified at ``ts`` (once per batch, on the decision thread)."""
+        with self._lock:
+            devices = self._devices
+            for device_id in set(device_ids):
+                seen = devices.get(device_id)
+                if seen is None:
+                    if len(devices) < self.max_devices:
+                        devices[device_id] = DeviceSeen(device_id=device_id, last_seen=ts)
+                        self._changed.add(device_id)
+                elif seen.last_seen is None or seen.last_seen < ts:
+                    devices[device_id] = seen.model_copy(update={"last_seen": ts})
+
+    # -- output --------------------------------------------------------------------------------------
+    def __len__(self) -> int:
+        return len(self._devices)
+
+    def snapshot(self) -> list[DeviceSeen]:
+        with self._lock:
+            return [self._devices[d] for d in sorted(self._devices)]
+
+    def _send(self, devices: list[DeviceSeen], *, full: bool) -> None:
+        for start in range(0, len(devices), REPORT_CHUNK):
+            chunk = devices[start : start + REPORT_CHUNK]
+            self._publish(encode_message(DeviceReport(edge_id=self.edge_id, full=full, devices=chunk)))
+            self.reports_sent += 1
+
+    def report(self, *, full: bool) -> int:
+        """Publish the changed devices (or all of them); returns how many devices went out."""
+        with self._lock:
+            names = sorted(self._devices) if full else sorted(self._changed)
+            devices = [self._devices[d] for d in names]
+            self._changed.clear()
+        if devices or full:
+            try:
+                self._send(devices, full=full)
+            except Exception:
+                with self._lock:  # not sent: they go in the next report
+                    self._changed.update(d.device_id for d in devices)
+                raise
+        return len(devices)
+
+    def report_loop(self, stop: threading.Event, connected: Callable[[], bool]) -> None:
+        """Until ``stop``: a full report on each new cloud connection and every ``FULL_REPORT_S``,
+        changes every ``FLUSH_S``."""
+        connects = -1
+        next_full = 0.0
+        while not stop.wait(FLUSH_S):
+            if not connected():
+                continue
+            try:
+                now = time.monotonic()
+                if self._connects() != connects or now >= next_full:
+                    connects = self._connects()
+                    next_full = now + FULL_REPORT_S
+                    self.report(full=True)
+                else:
+                    self.report(full=False)
+            except Exception:  # reports must never take the node down
+                logger.exception("device report failed")

@@ -1,0 +1,195 @@
+"""Edge metrics: cheap counters on the hot path, a Prometheus endpoint and periodic ``EdgeMetrics``.
+
+The decision thread updates plain counters and numpy histograms once per batch; Prometheus reads
+them at scrape time through a custom collector, so scraping costs the hot path nothing.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import Counter, deque
+from collections.abc import Callable, Iterator
+from typing import Any, Final
+
+import numpy as np
+from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+
+from shared.schemas import EdgeMetrics, LatencySummary
+
+logger = logging.getLogger(__name__)
+
+LATENCY_BUCKETS_S: Final = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0)
+BATCH_BUCKETS: Final = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 4096)
+CONFIDENCE_BUCKETS: Final = tuple(round(0.1 * i, 1) for i in range(1, 11))
+RECENT_SAMPLES: Final = 20_000  # latencies kept for the percentiles of EdgeMetrics
+
+
+class FastHistogram:
+    """Cumulative-bucket histogram fed with numpy arrays (one lock per batch, not per value)."""
+
+    def __init__(self, buckets: tuple[float, ...]) -> None:
+        self.bounds = np.asarray(buckets, dtype=np.float64)
+        self.counts = np.zeros(len(buckets) + 1, dtype=np.int64)  # last one is +Inf
+        self.total = 0.0
+        self._lock = threading.Lock()
+
+    def observe(self, values: np.ndarray | float) -> None:
+        arr = np.atleast_1d(np.asarray(values, dtype=np.float64))
+        idx = np.searchsorted(self.bounds, arr, side="left")
+        binned = np.bincount(idx, minlength=len(self.counts))
+        with self._lock:
+            self.counts += binned
+            self.total += float(arr.sum())
+
+    def family(self, name: str, doc: str) -> HistogramMetricFamily:
+        with self._lock:
+            cumulative = np.cumsum(self.counts)
+            total = self.total
+        buckets = [(repr(float(b)), int(c)) for b, c in zip(self.bounds, cumulative[:-1], strict=True)]
+        buckets.append(("+Inf", int(cumulative[-1])))
+        return HistogramMetricFamily(name, doc, buckets=buckets, sum_value=total)
+
+
+class EdgeStats:
+    """Everything the edge counts. Written by the decision thread; read by scrapes and the publisher."""
+
+    def __init__(self) -> None:
+        self.windows_total = 0
+        self.decisions_total = 0
+        self.nonfinite_total = 0
+        self.labelled_windows = 0
+        self.labelled_correct = 0
+        self.class_counts: Counter[str] = Counter()
+        self.devices: set[str] = set()
+        self.batch_size = FastHistogram(BATCH_BUCKETS)
+        self.inference_s = FastHistogram(LATENCY_BUCKETS_S)
+        self.e2e_s = FastHistogram(LATENCY_BUCKETS_S)
+        self.confidence = FastHistogram(CONFIDENCE_BUCKETS)
+        self.recent_inference_s: deque[float] = deque(maxlen=RECENT_SAMPLES)
+        self.recent_e2e_s: deque[float] = deque(maxlen=RECENT_SAMPLES)
+        self.confidence_sum = 0.0
+        self.started = time.monotonic()
+
+
+def percentiles(values: deque[float]) -> LatencySummary:
+    if not values:
+        return LatencySummary()
+    arr = np.fromiter(values, dtype=np.float64) * 1000.0
+    p50, p95, p99 = np.percentile(arr, [50, 95, 99])
+    return LatencySummary(
+        p50_ms=max(0.0, float(p50)), p95_ms=max(0.0, float(p95)), p99_ms=max(0.0, float(p99))
+    )
+
+
+class EdgeCollector:
+    """Builds the Prometheus metric families from a snapshot function of the node."""
+
+    def __init__(self, stats: EdgeStats, snapshot: Callable[[], dict[str, Any]]) -> None:
+        self.stats = stats
+        self.snapshot = snapshot
+
+    def describe(self) -> list[Any]:
+        return []
+
+    def collect(self) -> Iterator[Any]:
+        s = self.stats
+        snap = self.snapshot()
+        yield CounterMetricFamily("edge_windows", "windows classified", value=s.windows_total)
+        yield CounterMetricFamily("edge_decisions", "decisions taken by rules", value=s.decisions_total)
+        yield CounterMetricFamily(
+            "edge_nonfinite_outputs", "windows whose model output was NaN/inf", value=s.nonfinite_total
+        )
+        yield CounterMetricFamily(
+            "edge_labelled_windows", "windows carrying a ground-truth label", value=s.labelled_windows
+        )
+        yield CounterMetricFamily(
+            "edge_labelled_correct", "labelled windows predicted correctly", value=s.labelled_correct
+        )
+        per_class = CounterMetricFamily("edge_class_windows", "windows per predicted class", labels=["cls"])
+        for name, count in s.class_counts.items():
+            per_class.add_metric([name], count)
+        yield per_class
+        dead = CounterMetricFamily("edge_dead_letters", "rejected payloads by reason", labels=["reason"])
+        for reason, count in snap["dead_by_reason"].items():
+            dead.add_metric([reason], count)
+        yield dead
+        dropped = CounterMetricFamily("edge_dropped_windows", "windows dropped, by why", labels=["reason"])
+        for reason, count in snap["dropped"].items():
+            dropped.add_metric([reason], count)
+        yield dropped
+        yield s.batch_size.family("edge_batch_size", "windows per inference invoke")
+        yield s.inference_s.family("edge_inference_seconds", "inference time per batch")
+        yield s.e2e_s.family("edge_e2e_latency_seconds", "device timestamp -> decision taken")
+        yield s.confidence.family("edge_confidence", "top-1 probability per window")
+        gauges = {
+            "edge_cache_hit_rate": ("result cache hit rate", snap["cache_hit_rate"]),
+            "edge_uplink_queue_depth": ("samples waiting on disk for the cloud", snap["uplink_depth"]),
+            "edge_work_queue_depth": ("windows waiting for inference", snap["work_depth"]),
+            "edge_devices_seen": ("devices seen", len(s.devices)),
+            "edge_windows_per_second": ("windows per second since the last metrics message", snap["rate"]),
+        }
+        for name, (doc, value) in gauges.items():
+            yield GaugeMetricFamily(name, doc, value=value)
+        counters = {
+            "edge_duplicates": ("duplicate windows dropped", snap["duplicates"]),
+            "edge_commands_sent": ("commands sent to devices", snap["commands_sent"]),
+            "edge_uplink_dropped": (
+                "samples dropped because the uplink queue was full",
+                snap["uplink_dropped"],
+            ),
+            "edge_uplink_delivered": ("samples acknowledged by the cloud broker", snap["uplink_delivered"]),
+            "edge_model_swaps": ("model swaps", snap["swaps"]),
+            "edge_errors": ("inference errors", snap["errors"]),
+        }
+        for name, (doc, value) in counters.items():
+            yield CounterMetricFamily(name, doc, value=value)
+        acks = CounterMetricFamily("edge_command_acks", "command acks by status", labels=["status"])
+        for status, count in snap["acks"].items():
+            acks.add_metric([status], count)
+        yield acks
+        info = GaugeMetricFamily("edge_model_info", "the active model", labels=["name", "version"])
+        if snap["model_version"] is not None:
+            info.add_metric([snap["model_name"], snap["model_version"]], 1.0)
+        yield info
+
+
+def start_endpoint(registry: CollectorRegistry, port: int, bind: str) -> Any:
+    """Serve ``registry`` on ``bind:port``; returns the server (``shutdown()`` to stop)."""
+    server, thread = start_http_server(port, addr=bind, registry=registry)
+    logger.info("prometheus metrics on http://%s:%d/metrics", bind, server.server_port)
+    return server, thread
+
+
+def build_metrics_message(
+    edge_id: str, stats: EdgeStats, snap: dict[str, Any], interval_s: float, rate: float
+) -> EdgeMetrics:
+    with stats.confidence._lock:
+        conf_counts = stats.confidence.counts.copy()
+    hist = [int(c) for c in conf_counts[:10]]
+    hist[-1] += int(conf_counts[10])
+    windows = stats.windows_total
+    return EdgeMetrics(
+        edge_id=edge_id,
+        interval_s=interval_s,
+        model_version=snap["model_version"],
+        windows_total=windows,
+        windows_per_s=max(0.0, rate),
+        duplicates_total=snap["duplicates"],
+        dead_letters_total=snap["dead_total"],
+        decisions_total=stats.decisions_total,
+        errors_total=snap["errors"],
+        cache_hit_rate=min(1.0, max(0.0, snap["cache_hit_rate"])),
+        inference_latency=percentiles(stats.recent_inference_s),
+        e2e_latency=percentiles(stats.recent_e2e_s),
+        uplink_queue_depth=snap["uplink_depth"],
+        uplink_dropped_total=snap["uplink_dropped"],
+        confidence_mean=min(1.0, max(0.0, stats.confidence_sum / windows)) if windows else None,
+        confidence_histogram=hist,
+        class_counts=dict(stats.class_counts),
+        labelled_windows=stats.labelled_windows,
+        labelled_correct=stats.labelled_correct,
+        devices_seen=len(stats.devices),
+    )

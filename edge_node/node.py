@@ -1,0 +1,496 @@
+"""The edge node: wiring and lifecycle of every part.
+
+Threads (each fed by a queue, all stopped by one stop event)::
+
+    site MqttLink --inbox--> ingest --work--> N inference workers --results--> decisions
+                                                                   (rules, commands, mining, stats)
+    cloud MqttLink --inbox--> control --orders--> model manager (verify, warm up, swap)
+    uplink sender (SQLite -> cloud, QoS1), metrics publisher, Prometheus endpoint
+
+Two broker roles: the *site* broker carries telemetry, commands and acks (persistent session,
+QoS1, optionally a shared subscription); the *cloud* broker carries desired state, status,
+decisions, samples, metrics, deploy progress and dead letters. When no cloud broker is configured
+both roles use the site broker's URL, still over two connections, so the code path is the same.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from typing import Any, Final
+
+import numpy as np
+from prometheus_client import CollectorRegistry
+
+from edge_node.cache import ResultCache
+from edge_node.commands import CommandTracker
+from edge_node.devices import DeviceTracker
+from edge_node.inference import ActiveModel, BatchResult, InferenceWorkers, ModelHolder
+from edge_node.ingest import DeadLetters, Deduplicator, Ingest, WindowItem
+from edge_node.metrics import EdgeCollector, EdgeStats, build_metrics_message, start_endpoint
+from edge_node.models import ModelManager
+from edge_node.rules import Firing, RuleEngine, RuleSpec, load_rules
+from edge_node.runtime import load_backend
+from edge_node.uplink import HardExampleMiner, UplinkQueue, UplinkSender
+from shared import __version__
+from shared.errors import MqttError
+from shared.mqtt import MqttLink, Publication, Received
+from shared.schemas import (
+    Decision,
+    DeploymentProgress,
+    EdgeStatus,
+    OnlineState,
+    ReportedState,
+    encode_message,
+)
+from shared.settings.edge import EdgeSettings
+from shared.topics import DeviceTopic, EdgeTopic, Topics
+
+logger = logging.getLogger(__name__)
+
+POLL_S: Final = 0.1
+WARMUP_KEPT: Final = 32
+SITE_CONNECT_WAIT_S: Final = 10.0
+STOP_DRAIN_S: Final = 10.0
+FLUSH_S: Final = 5.0
+
+
+class EdgeNode:
+    """One edge process. ``start()`` returns once it is serving (or waiting for a first model)."""
+
+    def __init__(self, settings: EdgeSettings, *, rules: list[RuleSpec] | None = None) -> None:
+        self.settings = settings
+        self.edge_id = settings.edge_id
+        self.topics = settings.site_broker.topics
+        self.cloud_topics: Topics = settings.cloud.topics
+        settings.data_dir.mkdir(parents=True, exist_ok=True)
+        if rules is None:
+            rules = load_rules(settings.rules_file) if settings.rules_file is not None else []
+        self.stop_event = threading.Event()
+        self.stats = EdgeStats()
+        self.holder = ModelHolder()
+        self.cache = ResultCache(settings.cache.max_entries, enabled=settings.cache.enabled)
+        self.backend = load_backend(settings.runtime.backend)
+
+        self.cloud_link = MqttLink(
+            settings.cloud,
+            client_id=f"edgefleet-edge-{self.edge_id}-cloud",
+            clean_session=True,
+            will=Publication(self._status_topic, self._status_payload(OnlineState.OFFLINE, "lwt"), 1, True),
+            birth=Publication(self._status_topic, self._status_payload(OnlineState.ONLINE), 1, True),
+            track_acks=True,
+        )
+        self._manual_ack = settings.batching.ack_after_decision
+        self.site_link = MqttLink(
+            settings.site_broker,
+            client_id=f"edgefleet-edge-{self.edge_id}-site",
+            clean_session=False,
+            manual_ack=self._manual_ack,
+        )
+        self.dead = DeadLetters(self.edge_id, self._publish_dead)
+        self.dedup = Deduplicator(settings.dedup_window, settings.dedup_max_devices)
+        self.ingest = Ingest(self.topics, self.dedup, self.dead, self._expected_input)
+        self.commands = CommandTracker(self.topics, self.edge_id, self._publish_site)
+        self.devices = DeviceTracker(
+            self.edge_id, self.topics, self._publish_devices, lambda: self.cloud_link.connects
+        )
+        self.rules = RuleEngine(rules)
+        self.miner = HardExampleMiner(self.edge_id, settings.uplink)
+        self.uplink = UplinkQueue(settings.data_dir / "uplink.sqlite", settings.uplink.queue_max)
+        self.uplink_sender = UplinkSender(
+            self.uplink,
+            self.cloud_link,
+            self.cloud_topics.edge(self.edge_id, EdgeTopic.SAMPLES),
+            settings.uplink.inflight_max,
+        )
+        self._decide_lock = threading.Lock()
+        self.workers = InferenceWorkers(
+            self.holder,
+            self.site_link.inbox,
+            prepare=self._prepare,
+            deliver=self._deliver,
+            discard=self._release,
+            settings=settings.batching,
+            cache=self.cache,
+        )
+        self.recent_windows: deque[np.ndarray] = deque(maxlen=WARMUP_KEPT)
+        self.manager = ModelManager(
+            settings,
+            self.backend,
+            self.holder,
+            warmup_windows=lambda: list(self.recent_windows),
+            on_swap=self._on_swap,
+            publish_progress=self._publish_progress,
+            publish_reported=self._publish_reported,
+        )
+        self.overload_dropped = 0
+        self.decision_errors = 0
+        self._rules_version: str | None = None
+        self._telemetry_subscribed = False
+        self._threads: list[threading.Thread] = []
+        self._ack_suffix = "/" + DeviceTopic.ACK.value
+        self._queue_max = settings.batching.queue_max
+        self._metrics_server: Any = None
+        self._last_rate = (time.monotonic(), 0)
+        self.rate = 0.0
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.registry.register(EdgeCollector(self.stats, self.snapshot))
+        self.started = False
+        # Optional hook, called on the decision thread with each batch's windows and model version
+        # (tests use it to prove no window is lost or classified twice across a swap).
+        self.observer: Callable[[list[WindowItem], str], None] | None = None
+
+    # -- topics and publishing ----------------------------------------------------------------------
+    @property
+    def _status_topic(self) -> str:
+        return self.settings.cloud.topics.edge(self.settings.edge_id, EdgeTopic.STATUS)
+
+    def _status_payload(self, state: OnlineState, reason: str | None = None) -> bytes:
+        reported = self.manager.reported() if hasattr(self, "manager") else ReportedState()
+        return encode_message(
+            EdgeStatus(
+                edge_id=self.settings.edge_id,
+                state=state,
+                reason=reason,
+                version=__version__,
+                reported=reported,
+            )
+        )
+
+    def _publish_site(self, topic: str, payload: bytes) -> None:
+        self.site_link.publish(topic, payload, qos=1)
+
+    def _publish_dead(self, payload: bytes) -> None:
+        self.cloud_link.publish(
+            self.cloud_topics.edge(self.edge_id, EdgeTopic.DEAD), payload, qos=self.settings.dead_letter_qos
+        )
+
+    def _publish_devices(self, payload: bytes) -> None:
+        self.cloud_link.publish(self.cloud_topics.edge(self.edge_id, EdgeTopic.DEVICES), payload, qos=1)
+
+    def _publish_progress(self, progress: DeploymentProgress) -> None:
+        self.cloud_link.publish(
+            self.cloud_topics.edge(self.edge_id, EdgeTopic.DEPLOY), encode_message(progress), qos=1
+        )
+
+    def _publish_reported(self, _reported: ReportedState) -> None:
+        payload = self._status_payload(OnlineState.ONLINE)
+        self.cloud_link.set_birth(Publication(self._status_topic, payload, 1, True))
+        self.cloud_link.publish(self._status_topic, payload, qos=1, retain=True)
+
+    def _expected_input(self) -> tuple[list[int], list[str] | None] | None:
+        model = self.holder.current
+        if model is None:
+            return None
+        return list(model.manifest.input_shape), model.manifest.channels
+
+    def _on_swap(self, model: ActiveModel) -> None:
+        self.cache.clear()
+        if self.started and not self._telemetry_subscribed:  # the first model came from the cloud
+            self._subscribe_telemetry()
+        logger.info("model %s active", model.manifest.ref)
+
+    def _subscribe_telemetry(self) -> None:
+        topic = self.topics.all_devices(DeviceTopic.TELEMETRY)
+        if self.settings.share_group:
+            topic = Topics.shared(self.settings.share_group, topic)
+        self.site_link.subscribe(topic, qos=1)
+        self._telemetry_subscribed = True
+        logger.info("subscribed to %s", topic)
+
+    # -- lifecycle ----------------------------------------------------------------------------------
+    def start(self) -> None:
+        if self.settings.metrics.port:  # first: a scraper sees the very first window counted
+            self._metrics_server = start_endpoint(
+                self.registry, self.settings.metrics.port, self.settings.metrics.bind
+            )
+        model = self.manager.start_up()
+        # Subscriptions made before connecting go out in one SUBSCRIBE: one SUBACK covers them all.
+        self.site_link.subscribe(self.topics.all_devices(DeviceTopic.ACK), qos=1)
+        # Device birth / LWT (retained) and heartbeats, relayed to the cloud (edge_node/devices.py).
+        # Not shared: every edge of a site hears every device, retained statuses included.
+        self.site_link.subscribe(self.topics.all_devices(DeviceTopic.STATUS), qos=1)
+        self.site_link.subscribe(self.topics.all_devices(DeviceTopic.HEALTH), qos=1)
+        if model is not None:
+            self._subscribe_telemetry()
+        else:
+            logger.warning("no model yet: telemetry stays queued on the broker until one is deployed")
+        self.workers.start()
+        self._spawn(self._control_loop, "edge-control")
+        self._spawn(self._metrics_loop, "edge-metrics")
+        self._spawn(
+            # Only while both links are up: a table the site broker no longer feeds is stale.
+            lambda: self.devices.report_loop(
+                self.stop_event, lambda: self.cloud_link.connected and self.site_link.connected
+            ),
+            "edge-devices",
+        )
+        self.uplink_sender.start()
+        self.manager.start()
+        self.started = True
+        self.site_link.start()
+        if not (
+            self.site_link.wait_connected(SITE_CONNECT_WAIT_S)
+            and self.site_link.wait_subscribed(SITE_CONNECT_WAIT_S)
+        ):
+            logger.warning(
+                "site broker %s not reachable yet; retrying in the background", self.settings.site_broker.url
+            )
+        # Last: "online" on the status topic means serving. Never waited for: decisions need no cloud.
+        self.cloud_link.set_birth(
+            Publication(self._status_topic, self._status_payload(OnlineState.ONLINE), 1, True)
+        )
+        self.cloud_link.subscribe(self.cloud_topics.edge(self.edge_id, EdgeTopic.DESIRED), qos=1)
+        self.cloud_link.start()
+
+    def _spawn(self, target: Any, name: str) -> None:
+        thread = threading.Thread(target=target, name=name, daemon=True)
+        thread.start()
+        self._threads.append(thread)
+
+    def stop(self) -> None:
+        """Stop taking input, finish every window already received, then disconnect."""
+        if not self.started:
+            return
+        self.stop_event.set()
+        if self._manual_ack:
+            # Finish the batches in hand; whatever is not PUBACKed yet the broker redelivers next time.
+            self.workers.stop(STOP_DRAIN_S, drain=False)
+            self._flush_site_link()
+            self.site_link.stop()
+        else:
+            # Everything received is already PUBACKed: classify it all before leaving.
+            self.site_link.stop()
+            self.workers.stop(STOP_DRAIN_S, drain=True)
+        self.manager.stop()
+        for thread in self._threads:
+            thread.join(STOP_DRAIN_S)
+        self.uplink_sender.stop()
+        self.cloud_link.stop(
+            final=Publication(
+                self._status_topic, self._status_payload(OnlineState.OFFLINE, "shutdown"), 1, True
+            )
+        )
+        self.uplink.close()
+        if self._metrics_server is not None:
+            server, thread = self._metrics_server
+            server.shutdown()
+            server.server_close()
+            thread.join(5)
+        self.started = False
+
+    def _flush_site_link(self) -> None:
+        """Make sure the broker has processed our PUBACKs before we disconnect.
+
+        Closing a socket with unread incoming data sends a TCP RST, and the broker may then drop what
+        it had not read yet: PUBACKs included, so decided windows would come back. A QoS1 round trip
+        on the same connection proves every earlier packet was processed (MQTT keeps order). The
+        probe is this edge's (non-retained) shutdown status, harmless wherever it lands.
+        """
+        if not self.site_link.connected:
+            return
+        probe = self.topics.edge(self.edge_id, EdgeTopic.STATUS)
+        payload = self._status_payload(OnlineState.OFFLINE, "shutdown")
+        try:
+            self.site_link.client.publish(probe, payload, qos=1).wait_for_publish(FLUSH_S)
+        except (RuntimeError, ValueError) as exc:
+            logger.warning(
+                "PUBACKs not confirmed before disconnecting (%s): some windows may be redelivered", exc
+            )
+
+    def run_forever(self) -> None:
+        self.start()
+        try:
+            while not self.stop_event.wait(1.0):
+                pass
+        finally:
+            self.stop()
+
+    # -- threads ------------------------------------------------------------------------------------
+    def _prepare(self, msg: Received) -> WindowItem | None:
+        """On a worker thread: a telemetry message -> a window to classify; acks are matched here."""
+        item = None
+        try:
+            if msg.topic.endswith(self._ack_suffix):
+                self.commands.on_ack(msg.payload)
+            elif self.devices.handles(msg.topic) is not None:
+                self.devices.on_message(msg.topic, msg.payload)
+            elif self.site_link.inbox.qsize() > self._queue_max:
+                self.overload_dropped += 1  # counted, visible in metrics
+            else:
+                item = self.ingest.handle(msg)
+        except Exception:  # one bad message must not stop dispatch
+            self.dead.reject(msg.topic, msg.payload, "internal", "handler error (see the edge log)")
+            logger.exception("error handling a message on %s", msg.topic)
+        if item is None:
+            if self._manual_ack:
+                self.site_link.ack(msg)  # handled: dead-lettered, duplicate, ack or dropped (all counted)
+            return None
+        if self.ingest.accepted % 16 == 1:
+            self.recent_windows.append(item.values)
+        return item
+
+    def _deliver(self, result: BatchResult) -> None:
+        """On a worker thread: rules, commands, mining and stats, one batch at a time."""
+        with self._decide_lock:
+            try:
+                self._decide(result)
+            except Exception:  # one bad batch must not stop decisions
+                self.decision_errors += 1
+                logger.exception("error deciding on a batch of %d windows", len(result.items))
+        self._release(result.items)
+
+    def _release(self, items: list[WindowItem]) -> None:
+        """PUBACK windows once decided (or counted as failed): until then the broker keeps them."""
+        if self._manual_ack:
+            ack = self.site_link.ack
+            for item in items:
+                if item.message is not None:
+                    ack(item.message)
+
+    def _decide(self, res: BatchResult) -> None:
+        model = res.model
+        manifest = model.manifest
+        if model.version != self._rules_version:
+            self.rules.set_classes(list(manifest.class_names))
+            self._rules_version = model.version
+        stats = self.stats
+        items = res.items
+        probs = res.probs
+        now_wall = time.time()
+        if res.batch_size:
+            stats.batch_size.observe(float(res.batch_size))
+            stats.inference_s.observe(res.infer_s)
+            stats.recent_inference_s.append(res.infer_s)
+        finite = np.isfinite(probs).all(axis=1)
+        if not finite.all():
+            bad = int((~finite).sum())
+            stats.nonfinite_total += bad
+            logger.error("model %s gave NaN/inf for %d windows", manifest.ref, bad)
+            keep = np.flatnonzero(finite)
+            items = [items[i] for i in keep]
+            probs = probs[keep]
+            if not items:
+                return
+        top = probs.argmax(axis=1)
+        conf = probs.max(axis=1)
+        names = manifest.class_names
+        stats.windows_total += len(items)
+        stats.confidence.observe(conf)
+        stats.confidence_sum += float(conf.sum())
+        for cls, count in enumerate(np.bincount(top, minlength=len(names)).tolist()):
+            if count:
+                stats.class_counts[names[cls]] += count
+        ts = np.fromiter((it.window.ts for it in items), dtype=np.float64, count=len(items))
+        e2e = np.maximum(now_wall - ts, 0.0)
+        stats.e2e_s.observe(e2e)
+        stats.recent_e2e_s.extend(e2e.tolist())
+        if self.observer is not None:
+            self.observer(items, model.version)
+        rows = probs.tolist()
+        devices = stats.devices
+        evaluate = self.rules.evaluate if self.rules.rules else None
+        for i, item in enumerate(items):
+            window = item.window
+            devices.add(window.device_id)
+            if window.label is not None:
+                stats.labelled_windows += 1
+                if names[int(top[i])] == window.label:
+                    stats.labelled_correct += 1
+            if evaluate is not None:
+                for firing in evaluate(window.device_id, rows[i], window.seq, window.ts):
+                    self._fire(firing, model)
+        self.devices.saw([item.window.device_id for item in items], now_wall)
+        for i, reason in self.miner.select(probs):
+            sample = self.miner.build(items[i], probs[i], manifest, reason)
+            self.uplink.put(encode_message(sample))
+
+    def _fire(self, firing: Firing, model: ActiveModel) -> None:
+        rule = firing.rule
+        command_id = None
+        if rule.command is not None:
+            ttl = rule.command.ttl_s or self.settings.command_ttl_s
+            command = self.commands.send(
+                firing.device_id, rule.command.name, rule.command.args, ttl, rule.name
+            )
+            command_id = command.command_id
+        decision = Decision(
+            edge_id=self.edge_id,
+            device_id=firing.device_id,
+            rule=rule.name,
+            class_name=rule.class_name,
+            probability=min(1.0, max(0.0, firing.probability)),
+            severity=rule.severity,
+            window_seq=firing.window_seq,
+            model_version=model.version,
+            command_id=command_id,
+            command_name=rule.command.name if rule.command else None,
+            command_args=rule.command.args if rule.command else {},
+            window_ts=firing.window_ts,
+        )
+        self.stats.decisions_total += 1
+        try:
+            self.cloud_link.publish(
+                self.cloud_topics.edge(self.edge_id, EdgeTopic.DECISION), encode_message(decision)
+            )
+        except MqttError as exc:  # the command already went out: the decision stands
+            logger.warning("decision not published: %s", exc)
+
+    def _control_loop(self) -> None:
+        desired_topic = self.cloud_topics.edge(self.edge_id, EdgeTopic.DESIRED)
+        while not self.stop_event.is_set():
+            try:
+                msg = self.cloud_link.inbox.get(timeout=POLL_S)
+            except queue.Empty:
+                continue
+            if msg.topic == desired_topic:
+                self.manager.orders.put(msg.payload)
+
+    def _metrics_loop(self) -> None:
+        interval = self.settings.metrics.publish_interval_s
+        topic = self.cloud_topics.edge(self.edge_id, EdgeTopic.METRICS)
+        while not self.stop_event.wait(interval):
+            try:
+                self.commands.expire()
+                snap = self.snapshot()
+                message = build_metrics_message(self.edge_id, self.stats, snap, interval, self.rate)
+                self.cloud_link.publish(topic, encode_message(message), qos=0)
+            except Exception:  # metrics must never take the node down
+                logger.exception("metrics publish failed")
+
+    # -- introspection ------------------------------------------------------------------------------
+    def snapshot(self) -> dict[str, Any]:
+        now = time.monotonic()
+        then, count = self._last_rate
+        if now - then >= 1.0:
+            self.rate = (self.stats.windows_total - count) / (now - then)
+            self._last_rate = (now, self.stats.windows_total)
+        model = self.holder.current
+        return {
+            "dead_by_reason": dict(self.dead.by_reason),
+            "dead_total": self.dead.total,
+            "dropped": {
+                "overload": self.overload_dropped,
+                "stale": self.ingest.stale,
+                "inference_error": self.workers.failed_windows,
+                "nonfinite_output": self.stats.nonfinite_total,
+            },
+            "duplicates": self.ingest.duplicates,
+            "cache_hit_rate": self.cache.hit_rate,
+            "uplink_depth": self.uplink.depth,
+            "uplink_dropped": self.uplink.dropped,
+            "uplink_delivered": self.uplink_sender.delivered,
+            "work_depth": self.site_link.inbox.qsize(),
+            "rate": self.rate,
+            "commands_sent": self.commands.sent,
+            "devices_known": len(self.devices),
+            "acks": dict(self.commands.acks),
+            "swaps": self.holder.swaps,
+            "errors": self.workers.errors + self.decision_errors,
+            "model_name": model.manifest.name if model else None,
+            "model_version": model.version if model else None,
+        }

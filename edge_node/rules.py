@@ -1,0 +1,170 @@
+"""Where a decision is made: declarative rules evaluated on every classified window.
+
+A rule reads "class X with p >= T in K of the last N windows of a device -> command + alert
+severity", with a per-device cooldown and a per-rule rate limit (decisions per minute)::
+
+    rules:
+      - name: stop_on_bearing_fault
+        class: bearing_fault
+        min_probability: 0.9
+        k: 3
+        n: 5
+        severity: high
+        command: {name: actuate, args: {action: stop_motor}}
+        cooldown_s: 60
+        max_per_minute: 10
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import logging
+import time
+from collections import deque
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Self
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, JsonValue, ValidationError, model_validator
+
+from shared.errors import ConfigError
+from shared.schemas import CommandName, Severity
+
+logger = logging.getLogger(__name__)
+
+
+class CommandSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: CommandName
+    args: dict[str, JsonValue] = Field(default_factory=dict)
+    ttl_s: float | None = Field(default=None, gt=0, description="default: the edge's command_ttl_s")
+
+
+class RuleSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    name: str = Field(min_length=1, max_length=128)
+    class_name: str = Field(alias="class", min_length=1)
+    min_probability: float = Field(default=0.9, ge=0, le=1)
+    k: int = Field(default=1, ge=1)
+    n: int = Field(default=1, ge=1, le=10_000)
+    severity: Severity = Severity.MEDIUM
+    command: CommandSpec | None = None
+    cooldown_s: float = Field(default=0.0, ge=0, description="per device, after a decision")
+    max_per_minute: int | None = Field(default=None, ge=1, description="decisions of this rule, all devices")
+    devices: list[str] | None = Field(default=None, description="device id globs; default: all")
+
+    @model_validator(mode="after")
+    def _k_le_n(self) -> Self:
+        if self.k > self.n:
+            raise ValueError(f"rule {self.name!r}: k ({self.k}) must not exceed n ({self.n})")
+        return self
+
+
+class RulesFile(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    rules: list[RuleSpec] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _unique(self) -> Self:
+        names = [r.name for r in self.rules]
+        if len(names) != len(set(names)):
+            raise ValueError("rule names must be unique")
+        return self
+
+
+def load_rules(path: Path) -> list[RuleSpec]:
+    """Parse a rules YAML file; ``ConfigError`` names the file and the bad field."""
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except (OSError, yaml.YAMLError) as exc:
+        raise ConfigError(f"rules file {path}: {exc}") from exc
+    try:
+        return RulesFile.model_validate(data).rules
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors())
+        raise ConfigError(f"rules file {path}: {problems}") from exc
+
+
+@dataclass(frozen=True, slots=True)
+class Firing:
+    rule: RuleSpec
+    device_id: str
+    probability: float
+    window_seq: int
+    window_ts: float
+
+
+class _RuleState:
+    __slots__ = ("hits", "last_fired", "recent")
+
+    def __init__(self, n: int) -> None:
+        self.recent: deque[bool] = deque(maxlen=n)
+        self.hits = 0
+        self.last_fired = float("-inf")
+
+
+class RuleEngine:
+    """Evaluates every rule on every window. Single-threaded: only the decision thread calls it."""
+
+    def __init__(self, rules: list[RuleSpec], class_names: list[str] | None = None) -> None:
+        self.rules = rules
+        self._state: dict[tuple[str, str], _RuleState] = {}
+        self._rate: dict[str, deque[float]] = {r.name: deque() for r in rules}
+        self._class_index: dict[str, int] = {}
+        self.suppressed_cooldown = 0
+        self.suppressed_rate = 0
+        self.fired = 0
+        self.set_classes(class_names or [])
+
+    def set_classes(self, class_names: list[str]) -> None:
+        """Map each rule's class to an output index (a new model may order classes differently)."""
+        index = {name: i for i, name in enumerate(class_names)}
+        self._class_index = {r.name: index[r.class_name] for r in self.rules if r.class_name in index}
+        for rule in self.rules:
+            if class_names and rule.class_name not in index:
+                logger.warning(
+                    "rule %s: class %r is not one of the model's classes", rule.name, rule.class_name
+                )
+
+    def evaluate(
+        self, device_id: str, probs: list[float], seq: int, ts: float, now: float | None = None
+    ) -> list[Firing]:
+        now = time.monotonic() if now is None else now
+        out: list[Firing] = []
+        for rule in self.rules:
+            col = self._class_index.get(rule.name)
+            if col is None:
+                continue
+            if rule.devices is not None and not any(fnmatch.fnmatchcase(device_id, g) for g in rule.devices):
+                continue
+            key = (rule.name, device_id)
+            state = self._state.get(key)
+            if state is None:
+                state = self._state[key] = _RuleState(rule.n)
+            p = probs[col]
+            hit = p >= rule.min_probability
+            if len(state.recent) == rule.n and state.recent[0]:
+                state.hits -= 1
+            state.recent.append(hit)
+            state.hits += hit
+            if state.hits < rule.k:
+                continue
+            if now - state.last_fired < rule.cooldown_s:
+                self.suppressed_cooldown += 1
+                continue
+            if rule.max_per_minute is not None:
+                stamps = self._rate[rule.name]
+                while stamps and now - stamps[0] >= 60.0:
+                    stamps.popleft()
+                if len(stamps) >= rule.max_per_minute:
+                    self.suppressed_rate += 1
+                    continue
+                stamps.append(now)
+            state.last_fired = now
+            self.fired += 1
+            out.append(Firing(rule, device_id, float(p), seq, ts))
+        return out

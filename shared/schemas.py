@@ -1,0 +1,595 @@
+"""Pydantic v2 models of every control message that crosses a process boundary.
+
+Each model carries ``schema_version`` and a ``type`` tag and forbids unknown fields. Control
+messages travel as JSON (``encode_message`` / ``decode_message``); sensor windows travel in the
+binary codec of ``shared.codec`` and are described here by ``TelemetryWindow``.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import math
+import time
+import uuid
+from enum import StrEnum
+from typing import Annotated, Any, Final, Literal, Self, TypeVar, cast, overload
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    JsonValue,
+    TypeAdapter,
+    ValidationError,
+    model_validator,
+)
+
+from shared.errors import SchemaError
+from shared.topics import ID_PATTERN as ID_PATTERN  # noqa: PLC0414  (explicit re-export for settings)
+
+SCHEMA_VERSION: Final = 1
+
+Id = Annotated[str, Field(pattern=ID_PATTERN, description="1-64 of [A-Za-z0-9_.:-], usable as a topic level")]
+Timestamp = Annotated[float, Field(ge=0, description="seconds since the Unix epoch (UTC)")]
+Probability = Annotated[float, Field(ge=0.0, le=1.0)]
+
+
+def now() -> float:
+    return time.time()
+
+
+def new_id() -> str:
+    return uuid.uuid4().hex
+
+
+class Message(BaseModel):
+    """Base of every message: strict, versioned, tagged."""
+
+    # allow_inf_nan=False: JSON has no NaN/infinity (pydantic would write null and the receiver reject it).
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True, allow_inf_nan=False)
+
+    schema_version: Literal[1] = SCHEMA_VERSION
+
+
+# ---------------------------------------------------------------------------------------------
+# Device -> edge / cloud
+# ---------------------------------------------------------------------------------------------
+
+
+class TelemetryWindow(Message):
+    """One sensor window. On the wire it is binary (``shared.codec``); this is its decoded form.
+
+    ``label`` is evaluation metadata only (the simulator's ground truth), never used for inference.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True, arbitrary_types_allowed=True)
+
+    type: Literal["telemetry"] = "telemetry"
+    device_id: Id
+    seq: Annotated[int, Field(ge=0, lt=2**63)]
+    ts: Timestamp
+    sample_rate_hz: Annotated[float, Field(gt=0, le=1_000_000)]
+    channels: tuple[str, ...]
+    values: Any = Field(description="numpy float32 array of shape (samples, channels)")
+    label: str | None = None
+
+
+class Heartbeat(Message):
+    type: Literal["heartbeat"] = "heartbeat"
+    device_id: Id
+    ts: Timestamp = Field(default_factory=now)
+    uptime_s: Annotated[float, Field(ge=0)]
+    sensor: str
+    rate_hz: Annotated[float, Field(gt=0)]
+    window: Annotated[int, Field(gt=0)]
+    hop: Annotated[int, Field(gt=0)]
+    next_seq: Annotated[int, Field(ge=0)]
+    outbox_depth: Annotated[int, Field(ge=0)]
+    published_windows: Annotated[int, Field(ge=0)]
+    acked_windows: Annotated[int, Field(ge=0)]
+    # Accepted by the broker but routed to no subscriber (MQTT 5): kept and sent again, not lost.
+    unrouted_windows: Annotated[int, Field(ge=0)] = 0
+    dropped_windows: Annotated[int, Field(ge=0)]
+    dropped_by_reason: dict[str, int] = Field(default_factory=dict)
+    publish_rate_hz: Annotated[float, Field(ge=0)]
+    cpu_core_fraction: Annotated[float, Field(ge=0)]
+    rss_mb: Annotated[float, Field(ge=0)]
+    fault: str | None = None
+    actuators: dict[str, str] = Field(default_factory=dict)
+
+
+class OnlineState(StrEnum):
+    ONLINE = "online"
+    OFFLINE = "offline"
+
+
+class DeviceStatus(Message):
+    """Retained on the device's status topic: the birth message, and the LWT when it vanishes."""
+
+    type: Literal["device_status"] = "device_status"
+    device_id: Id
+    state: OnlineState
+    ts: Timestamp = Field(default_factory=now)
+    reason: str | None = Field(default=None, description="why offline: 'lwt' (connection lost) or 'shutdown'")
+    agent_version: str | None = None
+    sensor: str | None = None
+    rate_hz: float | None = None
+    window: int | None = None
+    hop: int | None = None
+    channels: tuple[str, ...] | None = None
+    config: dict[str, JsonValue] | None = Field(
+        default=None, description="the settings a desired config may change, as the device runs them"
+    )
+    config_revision: Annotated[int, Field(ge=0)] | None = Field(
+        default=None, description="revision of the last DeviceDesired applied since the agent started"
+    )
+    config_error: str | None = Field(default=None, description="why that revision was refused, if it was")
+
+
+class DeviceDesired(Message):
+    """Retained on the device's desired topic: the config the cloud wants the device to run.
+
+    ``config`` holds only the settings the operator set (overrides of the device's own file); the
+    device applies it like a ``set_config`` command whenever it receives a revision newer than the
+    one it applied since it started (so also after a restart), then reports ``config_revision``."""
+
+    type: Literal["device_desired"] = "device_desired"
+    device_id: Id
+    revision: Annotated[int, Field(ge=1, description="monotonic per device")]
+    config: dict[str, JsonValue] = Field(default_factory=dict)
+    issued_at: Timestamp = Field(default_factory=now)
+
+
+# ---------------------------------------------------------------------------------------------
+# Commands
+# ---------------------------------------------------------------------------------------------
+
+
+class CommandName(StrEnum):
+    PING = "ping"
+    SET_RATE = "set_rate"
+    SET_WINDOW = "set_window"
+    SET_CONFIG = "set_config"
+    INJECT_FAULT = "inject_fault"
+    CLEAR_FAULT = "clear_fault"
+    ACTUATE = "actuate"
+    RESTART_SENSOR = "restart_sensor"
+
+
+class Command(Message):
+    """A command to one device. ``command_id`` dedups; ``expires_at`` bounds when it may run."""
+
+    type: Literal["command"] = "command"
+    command_id: Id = Field(default_factory=new_id)
+    device_id: Id
+    name: CommandName
+    args: dict[str, JsonValue] = Field(default_factory=dict)
+    issued_at: Timestamp = Field(default_factory=now)
+    expires_at: Timestamp
+    sender: str = Field(default="unknown", max_length=128)
+
+    @model_validator(mode="after")
+    def _expiry_after_issue(self) -> Self:
+        if self.expires_at < self.issued_at:
+            raise ValueError("expires_at must not be before issued_at")
+        return self
+
+    @classmethod
+    def create(
+        cls,
+        *,
+        device_id: str,
+        name: CommandName | str,
+        args: dict[str, JsonValue] | None = None,
+        ttl_s: float = 60.0,
+        sender: str = "unknown",
+    ) -> Command:
+        issued = now()
+        return cls(
+            device_id=device_id,
+            name=CommandName(name),
+            args=args or {},
+            issued_at=issued,
+            expires_at=issued + ttl_s,
+            sender=sender,
+        )
+
+
+class AckStatus(StrEnum):
+    OK = "ok"
+    ERROR = "error"
+    EXPIRED = "expired"
+    REJECTED = "rejected"
+
+
+class CommandAck(Message):
+    type: Literal["command_ack"] = "command_ack"
+    command_id: Id
+    device_id: Id
+    status: AckStatus
+    ok: bool
+    error: str | None = None
+    result: dict[str, JsonValue] = Field(default_factory=dict)
+    duplicate: bool = Field(default=False, description="true when this id was executed before; not re-run")
+    ts: Timestamp = Field(default_factory=now)
+
+
+# ---------------------------------------------------------------------------------------------
+# Edge -> cloud
+# ---------------------------------------------------------------------------------------------
+
+
+class Severity(StrEnum):
+    INFO = "info"
+    LOW = "low"
+    MEDIUM = "medium"
+    HIGH = "high"
+    CRITICAL = "critical"
+
+
+class Decision(Message):
+    """A local decision or alert taken by an edge node from a rule."""
+
+    type: Literal["decision"] = "decision"
+    decision_id: Id = Field(default_factory=new_id)
+    edge_id: Id
+    device_id: Id
+    rule: str
+    class_name: str
+    probability: Probability
+    severity: Severity
+    window_seq: Annotated[int, Field(ge=0)]
+    model_version: str | None = None
+    command_id: Id | None = None
+    command_name: CommandName | None = None
+    command_args: dict[str, JsonValue] = Field(default_factory=dict)
+    ts: Timestamp = Field(default_factory=now)
+    window_ts: Timestamp | None = None
+
+
+class SampleReason(StrEnum):
+    LOW_CONFIDENCE = "low_confidence"
+    SMALL_MARGIN = "small_margin"
+    RANDOM = "random"
+
+
+class Privacy(StrEnum):
+    FULL = "full"
+    SUMMARY = "summary"
+    NONE = "none"
+
+
+class HardExample(Message):
+    """A window the edge thinks the cloud should learn from, with what retraining needs."""
+
+    type: Literal["sample"] = "sample"
+    sample_id: Id
+    edge_id: Id
+    device_id: Id
+    seq: Annotated[int, Field(ge=0)]
+    ts: Timestamp
+    model_name: str | None = None
+    model_version: str | None = None
+    predicted: str
+    probabilities: list[Probability]
+    class_names: list[str]
+    reason: SampleReason
+    label: str | None = Field(default=None, description="the device's ground truth, when it sent one")
+    privacy: Privacy
+    window_b64: str | None = Field(default=None, description="the window in the binary codec, base64")
+    features: dict[str, float] | None = Field(default=None, description="summary features (privacy=summary)")
+
+    @model_validator(mode="after")
+    def _payload_matches_privacy(self) -> Self:
+        if self.privacy is Privacy.FULL and self.window_b64 is None:
+            raise ValueError("privacy 'full' needs window_b64")
+        if self.privacy is not Privacy.FULL and self.window_b64 is not None:
+            raise ValueError(f"privacy {self.privacy.value!r} forbids window_b64")
+        if len(self.probabilities) != len(self.class_names):
+            raise ValueError("probabilities and class_names differ in length")
+        return self
+
+    def window_bytes(self) -> bytes | None:
+        return base64.b64decode(self.window_b64) if self.window_b64 is not None else None
+
+
+class LatencySummary(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+    p50_ms: Annotated[float, Field(ge=0)] = 0.0
+    p95_ms: Annotated[float, Field(ge=0)] = 0.0
+    p99_ms: Annotated[float, Field(ge=0)] = 0.0
+
+
+class EdgeMetrics(Message):
+    type: Literal["edge_metrics"] = "edge_metrics"
+    edge_id: Id
+    ts: Timestamp = Field(default_factory=now)
+    interval_s: Annotated[float, Field(ge=0)]
+    model_version: str | None = None
+    windows_total: Annotated[int, Field(ge=0)]
+    windows_per_s: Annotated[float, Field(ge=0)]
+    duplicates_total: Annotated[int, Field(ge=0)] = 0
+    dead_letters_total: Annotated[int, Field(ge=0)] = 0
+    decisions_total: Annotated[int, Field(ge=0)] = 0
+    errors_total: Annotated[int, Field(ge=0)] = 0
+    cache_hit_rate: Annotated[float, Field(ge=0, le=1)] = 0.0
+    inference_latency: LatencySummary = Field(default_factory=LatencySummary)
+    e2e_latency: LatencySummary = Field(default_factory=LatencySummary)
+    uplink_queue_depth: Annotated[int, Field(ge=0)] = 0
+    uplink_dropped_total: Annotated[int, Field(ge=0)] = 0
+    confidence_mean: Annotated[float, Field(ge=0, le=1)] | None = None
+    confidence_histogram: list[int] = Field(default_factory=list, description="10 bins over [0, 1]")
+    class_counts: dict[str, int] = Field(default_factory=dict)
+    labelled_windows: Annotated[int, Field(ge=0)] = 0
+    labelled_correct: Annotated[int, Field(ge=0)] = 0
+    devices_seen: Annotated[int, Field(ge=0)] = 0
+
+
+class DeadLetter(Message):
+    type: Literal["dead_letter"] = "dead_letter"
+    edge_id: Id
+    topic: str
+    reason: str
+    payload_b64: str = Field(description="the rejected payload, base64, truncated to 4 KiB")
+    payload_size: Annotated[int, Field(ge=0)]
+    ts: Timestamp = Field(default_factory=now)
+
+
+# ---------------------------------------------------------------------------------------------
+# Models and deployment
+# ---------------------------------------------------------------------------------------------
+
+
+class Quantization(StrEnum):
+    FLOAT32 = "float32"
+    DYNAMIC = "dynamic"
+    FLOAT16 = "float16"
+    INT8 = "int8"
+
+
+class Normalization(BaseModel):
+    """Applied by the edge to each window before inference: ``(x - mean) / std`` per channel."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    mean: list[float]
+    std: list[float]
+
+    @model_validator(mode="after")
+    def _finite_positive(self) -> Self:
+        if len(self.mean) != len(self.std):
+            raise ValueError("mean and std differ in length")
+        if not all(math.isfinite(v) for v in self.mean):
+            raise ValueError("mean has a non-finite value")
+        if not all(math.isfinite(v) and v > 0 for v in self.std):
+            raise ValueError("std values must be finite and > 0")
+        return self
+
+
+class ModelManifest(Message):
+    """Describes one model artifact; signed by the cloud (ed25519 over ``signing_bytes``)."""
+
+    type: Literal["model_manifest"] = "model_manifest"
+    name: Annotated[str, Field(min_length=1, max_length=64)]
+    version: Annotated[str, Field(min_length=1, max_length=64)]
+    created_at: Timestamp = Field(default_factory=now)
+    format: Literal["tflite"] = "tflite"
+    quantization: Quantization
+    sha256: Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
+    size_bytes: Annotated[int, Field(gt=0)]
+    url: str = Field(description="http(s):// or file:// location of the artifact")
+    input_shape: list[int] = Field(description="without the batch dimension, e.g. [128, 3]")
+    input_dtype: Literal["float32", "int8", "uint8"]
+    output_shape: list[int] = Field(description="without the batch dimension, e.g. [4]")
+    output_dtype: Literal["float32", "int8", "uint8"]
+    class_names: list[str]
+    normalization: Normalization | None = None
+    sample_rate_hz: float | None = None
+    channels: list[str] | None = None
+    metrics: dict[str, float] = Field(default_factory=dict)
+    parent_version: str | None = None
+    dataset_id: str | None = None
+    signature: str | None = Field(default=None, description="base64 ed25519 signature over signing_bytes()")
+    key_id: str | None = None
+
+    @model_validator(mode="after")
+    def _shapes(self) -> Self:
+        if not self.input_shape or any(d <= 0 for d in self.input_shape):
+            raise ValueError("input_shape must be non-empty positive dimensions (no batch dimension)")
+        if not self.output_shape or any(d <= 0 for d in self.output_shape):
+            raise ValueError("output_shape must be non-empty positive dimensions (no batch dimension)")
+        if self.output_shape[-1] != len(self.class_names):
+            raise ValueError("output_shape[-1] must equal the number of class_names")
+        return self
+
+    @property
+    def ref(self) -> str:
+        return f"{self.name}@{self.version}"
+
+    def signing_bytes(self) -> bytes:
+        """Canonical JSON of every field but the signature: what the cloud signs."""
+        data = self.model_dump(mode="json", exclude={"signature"})
+        return json.dumps(data, sort_keys=True, separators=(",", ":"), allow_nan=False).encode()
+
+
+class DesiredAction(StrEnum):
+    DEPLOY = "deploy"
+    ROLLBACK = "rollback"
+
+
+class DesiredState(Message):
+    """Retained on the edge's desired topic: what the cloud wants the edge to run."""
+
+    type: Literal["desired_state"] = "desired_state"
+    edge_id: Id
+    revision: Annotated[int, Field(ge=0, description="monotonic; an edge ignores older revisions")]
+    action: DesiredAction = DesiredAction.DEPLOY
+    model: ModelManifest | None = None
+    rollout_id: str | None = None
+    config: dict[str, JsonValue] = Field(default_factory=dict)
+    issued_at: Timestamp = Field(default_factory=now)
+
+    @model_validator(mode="after")
+    def _deploy_needs_model(self) -> Self:
+        if self.action is DesiredAction.DEPLOY and self.model is None:
+            raise ValueError("action 'deploy' needs a model")
+        return self
+
+
+class DeployStage(StrEnum):
+    RECEIVED = "received"
+    DOWNLOADING = "downloading"
+    VERIFYING = "verifying"
+    WARMING_UP = "warming_up"
+    SWAPPED = "swapped"
+    FAILED = "failed"
+    ROLLED_BACK = "rolled_back"
+
+
+class DeploymentProgress(Message):
+    type: Literal["deploy_progress"] = "deploy_progress"
+    edge_id: Id
+    revision: Annotated[int, Field(ge=0)]
+    rollout_id: str | None = None
+    model_version: str | None = None
+    stage: DeployStage
+    ok: bool
+    reason: str | None = None
+    ts: Timestamp = Field(default_factory=now)
+
+
+class ReportedState(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    model_name: str | None = None
+    model_version: str | None = None
+    model_sha256: str | None = None
+    last_good_version: str | None = None
+    desired_revision: int | None = None
+    last_deploy_ok: bool | None = None
+    last_deploy_reason: str | None = None
+
+
+class DeviceSeen(BaseModel):
+    """What one edge knows of one device of its site (from its status, heartbeat and telemetry)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+    device_id: Id
+    state: OnlineState | None = Field(default=None, description="from the retained status; None: none seen")
+    reason: str | None = None
+    since: Timestamp | None = Field(default=None, description="edge clock when that status arrived")
+    last_seen: Timestamp | None = Field(default=None, description="edge clock of the device's last message")
+    agent_version: str | None = None
+    sensor: str | None = None
+    rate_hz: float | None = None
+    window: int | None = None
+    hop: int | None = None
+    config: dict[str, JsonValue] | None = None
+    config_revision: int | None = None
+    config_error: str | None = None
+    fault: str | None = Field(default=None, description="from the last heartbeat")
+    outbox_depth: Annotated[int, Field(ge=0)] | None = None
+    dropped_windows: Annotated[int, Field(ge=0)] | None = None
+
+
+class DeviceReport(Message):
+    """Edge -> cloud on the edge's ``devices`` topic: devices whose state changed, or (``full``) every
+    device the edge knows, sent on each connection to the cloud broker and periodically."""
+
+    type: Literal["device_report"] = "device_report"
+    edge_id: Id
+    ts: Timestamp = Field(default_factory=now)
+    full: bool = False
+    devices: list[DeviceSeen] = Field(default_factory=list, max_length=1000)
+
+
+class EdgeStatus(Message):
+    """Retained on the edge's status topic: birth with reported state, or the LWT."""
+
+    type: Literal["edge_status"] = "edge_status"
+    edge_id: Id
+    state: OnlineState
+    ts: Timestamp = Field(default_factory=now)
+    reason: str | None = None
+    version: str | None = None
+    reported: ReportedState = Field(default_factory=ReportedState)
+
+
+# ---------------------------------------------------------------------------------------------
+# JSON encoding of control messages
+# ---------------------------------------------------------------------------------------------
+
+ControlMessage = Annotated[
+    Heartbeat
+    | DeviceStatus
+    | Command
+    | CommandAck
+    | Decision
+    | HardExample
+    | EdgeMetrics
+    | DeadLetter
+    | ModelManifest
+    | DesiredState
+    | DeploymentProgress
+    | EdgeStatus
+    | DeviceDesired
+    | DeviceReport,
+    Field(discriminator="type"),
+]
+CONTROL_TYPES: tuple[type[Message], ...] = (
+    Heartbeat,
+    DeviceStatus,
+    Command,
+    CommandAck,
+    Decision,
+    HardExample,
+    EdgeMetrics,
+    DeadLetter,
+    ModelManifest,
+    DesiredState,
+    DeploymentProgress,
+    EdgeStatus,
+    DeviceDesired,
+    DeviceReport,
+)
+_CONTROL_ADAPTER: TypeAdapter[ControlMessage] = TypeAdapter(ControlMessage)
+MAX_CONTROL_BYTES = 1_048_576
+M = TypeVar("M", bound=Message)
+
+
+def encode_message(message: Message) -> bytes:
+    """JSON bytes of a control message (NaN and infinities refused)."""
+    if isinstance(message, TelemetryWindow):
+        raise SchemaError("telemetry windows use shared.codec.encode_window, not JSON")
+    return message.model_dump_json().encode()
+
+
+def _describe(exc: ValidationError) -> str:
+    parts = []
+    for err in exc.errors()[:5]:
+        loc = ".".join(str(p) for p in err["loc"]) or "<message>"
+        parts.append(f"{loc}: {err['msg']}")
+    return "; ".join(parts)
+
+
+@overload
+def decode_message(payload: bytes | str, expected: type[M]) -> M: ...
+@overload
+def decode_message(payload: bytes | str, expected: None = None) -> Message: ...
+def decode_message(payload: bytes | str, expected: type[M] | None = None) -> Message:
+    """Parse and validate a JSON control message; raise ``SchemaError`` naming the bad field.
+
+    With ``expected`` the message must be of that type; without it, the ``type`` tag decides.
+    """
+    if len(payload) > MAX_CONTROL_BYTES:
+        raise SchemaError(f"payload: {len(payload)} bytes exceeds the {MAX_CONTROL_BYTES}-byte limit")
+    try:
+        if expected is not None:
+            return expected.model_validate_json(payload)
+        return cast(Message, _CONTROL_ADAPTER.validate_json(payload))
+    except ValidationError as exc:
+        what = expected.__name__ if expected is not None else "control message"
+        raise SchemaError(f"invalid {what}: {_describe(exc)}") from exc

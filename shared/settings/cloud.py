@@ -1,0 +1,148 @@
+"""Settings of the cloud tier (``edgefleet cloud ...`` and ``edgefleet model ...``)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal, Self
+from urllib.parse import urlsplit
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
+
+from shared.settings.base import MqttSettings, TierSettings
+
+
+class Thresholds(BaseModel):
+    """Labelling, gating and retraining thresholds."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    pseudo_label_confidence: float = Field(
+        default=0.9, gt=0, le=1, description="teacher confidence needed to pseudo-label an uplinked sample"
+    )
+    gate_margin: float = Field(
+        default=0.01, ge=0, le=1, description="a candidate may be this much worse than production and pass"
+    )
+    gate_min_accuracy: float = Field(default=0.0, ge=0, le=1, description="absolute floor for any candidate")
+    drift_accuracy_drop: float = Field(
+        default=0.05, gt=0, le=1, description="retrain when edge accuracy falls this far below the baseline"
+    )
+    drift_confidence_drop: float = Field(
+        default=0.10, gt=0, le=1, description="retrain when mean edge confidence falls this far"
+    )
+    new_labelled_samples: int = Field(default=500, ge=1, description="retrain after this many new labels")
+    periodic_retrain_s: float = Field(default=86400.0, gt=0, description="retrain at least this often")
+    trigger_check_s: float = Field(default=60.0, gt=0, description="how often beat checks the triggers")
+    min_metrics_windows: int = Field(
+        default=200, ge=1, description="labelled windows an edge must report before its accuracy counts"
+    )
+
+
+class S3Settings(BaseModel):
+    """An S3-compatible bucket that receives every published artifact and manifest.
+
+    Edges download from ``public_base_url``: the URL is inside the signed manifest, which the registry
+    keeps and re-sends on every deploy and rollback, so it must stay valid for as long as the model
+    may be deployed (presigned URLs expire and are not offered). Edges check sha256 and the ed25519
+    signature, so the URL need not be secret."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    bucket: str = Field(min_length=3, max_length=63, description="must exist; it is not created")
+    public_base_url: str = Field(
+        description="http(s) URL edges download from; an object's URL is <public_base_url>/<key>, e.g. "
+        "https://BUCKET.s3.REGION.amazonaws.com, https://minio.example:9000/BUCKET or a CDN"
+    )
+    endpoint_url: str | None = Field(
+        default=None, description="S3 API endpoint for MinIO, Ceph RGW, R2, ...; default AWS for region"
+    )
+    prefix: str = Field(default="", description="key folder, e.g. 'edgefleet/models' (slashes trimmed)")
+    region: str | None = Field(default=None, description="default: boto3's (AWS_DEFAULT_REGION, config)")
+    access_key_id: SecretStr | None = Field(
+        default=None, description="EDGEFLEET_S3__ACCESS_KEY_ID; unset: boto3's default credential chain"
+    )
+    secret_access_key: SecretStr | None = Field(
+        default=None, description="EDGEFLEET_S3__SECRET_ACCESS_KEY; set together with access_key_id"
+    )
+    addressing_style: Literal["auto", "path", "virtual"] = Field(
+        default="auto", description="'path' for most MinIO / Ceph deployments without wildcard DNS"
+    )
+    timeout_s: float = Field(default=30.0, gt=0, description="connect and read timeout of one request")
+    max_attempts: int = Field(default=5, ge=1, le=20, description="tries per request (boto3 retries)")
+
+    @model_validator(mode="after")
+    def _check(self) -> Self:
+        if (self.access_key_id is None) != (self.secret_access_key is None):
+            raise ValueError("access_key_id and secret_access_key go together")
+        for name in ("public_base_url", "endpoint_url"):
+            value = getattr(self, name)
+            if value is not None and (
+                urlsplit(value).scheme not in ("http", "https") or not urlsplit(value).netloc
+            ):
+                raise ValueError(f"{name} {value!r} must be an http(s):// URL")
+        return self
+
+
+class CloudSettings(TierSettings):
+    data_dir: Path = Field(default=Path("var/cloud"), description="registry file, artifacts, dev keys")
+    database_url: str | None = Field(
+        default=None, description="SQLAlchemy URL; default sqlite:///<data_dir>/registry.db"
+    )
+    redis_url: str = Field(default="redis://127.0.0.1:6379/0", description="Celery broker and result backend")
+    celery_broker_url: str | None = Field(
+        default=None,
+        description="overrides redis_url for the broker, e.g. sqla+sqlite:///var/cloud/celery.db",
+    )
+    celery_result_url: str | None = Field(default=None, description="overrides redis_url for results")
+    broker: MqttSettings = Field(default_factory=MqttSettings, description="the cloud MQTT broker")
+    artifact_dir: Path | None = Field(default=None, description="default <data_dir>/artifacts")
+    artifact_base_url: str | None = Field(
+        default=None, description="http(s) URL the artifact server is reachable at; default file:// URLs"
+    )
+    artifact_host: str = "127.0.0.1"
+    artifact_port: int = Field(default=8765, ge=0, le=65535)
+    s3: S3Settings | None = Field(
+        default=None, description="also publish artifacts to an S3-compatible bucket (extra 's3')"
+    )
+    signing_private_key: Path | None = Field(default=None, description="ed25519 PEM; dev mode: generated")
+    signing_public_key: Path | None = None
+    thresholds: Thresholds = Field(default_factory=Thresholds)
+    ingest_batch: int = Field(default=200, ge=1, le=100_000, description="messages per registry transaction")
+    ingest_flush_s: float = Field(default=0.5, gt=0)
+    task_time_limit_s: float = Field(default=1800.0, gt=0)
+
+    @model_validator(mode="after")
+    def _keys(self) -> Self:
+        # The public key alone is fine for a verifier; a private key without its public key is not.
+        if self.signing_private_key is not None and self.signing_public_key is None:
+            raise ValueError("signing_private_key needs signing_public_key")
+        return self
+
+    @property
+    def resolved_database_url(self) -> str:
+        return self.database_url or f"sqlite:///{(self.data_dir / 'registry.db').resolve()}"
+
+    @property
+    def resolved_artifact_dir(self) -> Path:
+        return self.artifact_dir or self.data_dir / "artifacts"
+
+    @property
+    def resolved_broker_url(self) -> str:
+        return self.celery_broker_url or self.redis_url
+
+    @property
+    def resolved_result_url(self) -> str:
+        return self.celery_result_url or self.redis_url
+
+    def key_paths(self) -> tuple[Path, Path]:
+        """The signing key pair's paths; in dev mode they default to files under ``data_dir``."""
+        if self.signing_private_key is not None and self.signing_public_key is not None:
+            return self.signing_private_key, self.signing_public_key
+        if self.dev_mode:
+            keys = self.data_dir / "keys"
+            return keys / "signing.key", keys / "signing.pub"
+        from shared.errors import ConfigError  # noqa: PLC0415
+
+        raise ConfigError(
+            "no signing key configured: set signing_private_key and signing_public_key "
+            "(edgefleet cloud keygen writes a pair), or dev_mode for generated development keys"
+        )

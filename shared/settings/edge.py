@@ -1,0 +1,142 @@
+"""Settings of the edge node (``edgefleet edge run``)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal, Self
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
+
+from shared.schemas import ID_PATTERN, Privacy
+from shared.settings.base import MqttSettings, TierSettings
+
+BackendName = Literal["auto", "ai-edge-litert", "tflite-runtime", "tensorflow"]
+
+
+class RuntimeSettings(BaseModel):
+    """Which LiteRT backend runs the model, and how."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    backend: BackendName = Field(
+        default="auto", description="auto tries ai-edge-litert, then tflite-runtime, then tensorflow.lite"
+    )
+    num_threads: int = Field(default=1, ge=1, le=64, description="threads per interpreter")
+    xnnpack: bool = Field(default=True, description="use the XNNPACK CPU delegate (3-6x faster on int8)")
+    delegate: str | None = Field(default=None, description="path of an external delegate library (Edge TPU)")
+    delegate_options: dict[str, str] = Field(default_factory=dict)
+
+
+class BatchSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    max_batch: int = Field(default=64, ge=1, le=4096)
+    max_wait_ms: float = Field(
+        default=0.0,
+        ge=0,
+        le=1000,
+        description="wait for more windows once one is in; 0 takes what is queued (it grows under load)",
+    )
+    workers: int = Field(default=1, ge=1, le=64, description="inference threads, one interpreter each")
+    queue_max: int = Field(default=100_000, ge=1, description="windows waiting for inference before dropping")
+    ack_after_decision: bool = Field(
+        default=True,
+        description="PUBACK a telemetry message only once its window is decided: a crash loses nothing "
+        "(the broker redelivers); needs the broker's max_inflight_messages well above max_batch",
+    )
+
+
+class CacheSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    enabled: bool = True
+    max_entries: int = Field(default=4096, ge=1)
+
+
+class UplinkSettings(BaseModel):
+    """Hard-example mining and the durable uplink queue."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    enabled: bool = True
+    low_confidence: float = Field(default=0.6, ge=0, le=1, description="top-1 probability below this is hard")
+    min_margin: float = Field(default=0.2, ge=0, le=1, description="top1 - top2 below this is hard")
+    random_fraction: float = Field(default=0.001, ge=0, le=1, description="share of ordinary windows sent")
+    budget_per_minute: int = Field(default=120, ge=0, description="samples queued per minute, at most")
+    privacy: Privacy = Privacy.FULL
+    queue_max: int = Field(default=50_000, ge=1, description="rows on disk; the oldest go first when full")
+    inflight_max: int = Field(default=100, ge=1, description="unacknowledged uplink publishes")
+
+
+class ModelSettings(BaseModel):
+    """The model to start with when no deployed model is on disk yet."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    path: Path | None = Field(default=None, description="a .tflite file for local use")
+    manifest: Path | None = Field(default=None, description="its ModelManifest (JSON); optional")
+    class_names: list[str] | None = Field(
+        default=None, description="class names when there is no manifest (default class_0, class_1, ...)"
+    )
+    public_key: Path | None = Field(default=None, description="the cloud's ed25519 public key (PEM)")
+    require_signature: bool = Field(
+        default=True,
+        description="refuse deployed models without a valid signature (local --model is trusted)",
+    )
+    warmup_windows: int = Field(default=8, ge=1, le=1024)
+    download_timeout_s: float = Field(default=60.0, gt=0)
+    download_token: SecretStr | None = Field(
+        default=None,
+        description="bearer token (role 'edge', `edgefleet admin token create`) sent with http(s) "
+        "artifact downloads, for manifests that point at the cloud API's /v1/artifacts",
+    )
+    max_artifact_bytes: int = Field(default=256 * 1024 * 1024, gt=0)
+
+
+class MetricsSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    port: int = Field(default=9400, ge=0, le=65535, description="Prometheus port; 0 disables the endpoint")
+    bind: str = Field(default="127.0.0.1", description="address the endpoint listens on")
+    publish_interval_s: float = Field(default=10.0, gt=0, description="EdgeMetrics on the metrics topic")
+
+
+class EdgeSettings(TierSettings):
+    edge_id: str = Field(pattern=ID_PATTERN)
+    site_broker: MqttSettings = Field(
+        default_factory=MqttSettings, description="devices: telemetry, commands"
+    )
+    cloud_broker: MqttSettings | None = Field(
+        default=None,
+        description="cloud: desired state, status, decisions, samples (default: the site broker)",
+    )
+    share_group: str | None = Field(default=None, description="split a site's devices: $share/<group>/...")
+    data_dir: Path = Field(default=Path("var/edge"), description="models, uplink queue, state")
+    model: ModelSettings = Field(default_factory=ModelSettings)
+    rules_file: Path | None = Field(default=None, description="YAML rules file")
+    runtime: RuntimeSettings = Field(default_factory=RuntimeSettings)
+    batching: BatchSettings = Field(default_factory=BatchSettings)
+    cache: CacheSettings = Field(default_factory=CacheSettings)
+    uplink: UplinkSettings = Field(default_factory=UplinkSettings)
+    metrics: MetricsSettings = Field(default_factory=MetricsSettings)
+    dedup_window: int = Field(default=1024, ge=1, le=1_000_000, description="seqs remembered per device")
+    dedup_max_devices: int = Field(default=100_000, ge=1)
+    command_ttl_s: float = Field(default=30.0, gt=0)
+    dead_letter_qos: Literal[0, 1] = 0
+    gil_switch_interval_ms: float | None = Field(
+        default=None,
+        gt=0,
+        le=100,
+        description="sys.setswitchinterval for the edge process (None: Python's 5 ms). 0.5 ms cut tail "
+        "latency in our runs but cost ~30% throughput: paho and the workers share one GIL",
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> Self:
+        if self.model.manifest is not None and self.model.path is None:
+            raise ValueError("model.manifest needs model.path")
+        return self
+
+    @property
+    def cloud(self) -> MqttSettings:
+        return self.cloud_broker if self.cloud_broker is not None else self.site_broker
