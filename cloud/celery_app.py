@@ -3,11 +3,14 @@
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import os
 from functools import lru_cache
+from pathlib import Path
 
 from celery import Celery
+from kombu.connection import Connection
 
 from shared.settings import load_settings
 from shared.settings.cloud import CloudSettings
@@ -46,6 +49,31 @@ def result_backend_for(settings: CloudSettings) -> str:
     return settings.redis_url
 
 
+# SQLite's busy timeout for the broker file: a publish waits for the worker's poll transaction
+# instead of failing with "database is locked".
+SQLITE_BROKER_BUSY_TIMEOUT_S = 30.0
+SQLITE_BROKER_QUEUE = "celery"
+
+
+def sqlite_broker_transport_options() -> dict[str, object]:
+    return {"connect_args": {"timeout": SQLITE_BROKER_BUSY_TIMEOUT_S}}
+
+
+def prepare_sqlite_broker(broker_url: str) -> None:
+    """Create kombu's tables and the task queue's row in a ``sqla+sqlite`` broker file, once.
+
+    kombu creates them lazily with only an in-process lock, so a worker and a client starting on a
+    fresh file race (``UNIQUE constraint failed: kombu_queue.name``), and kombu's retry of that
+    publish then fails on a closed channel. A file lock serialises the processes of this machine."""
+    path = Path(broker_url.removeprefix("sqla+sqlite:///"))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(f"{path}.lock", "a+b") as lock_file:
+        fcntl.flock(lock_file, fcntl.LOCK_EX)
+        options = sqlite_broker_transport_options()
+        with Connection(broker_url, transport_options=options) as conn:  # type: ignore[no-untyped-call]
+            conn.default_channel._get_or_create(SQLITE_BROKER_QUEUE)
+
+
 def _rollout_tick_s() -> float:
     from cloud.rollouts import TICK_S  # noqa: PLC0415
 
@@ -55,9 +83,14 @@ def _rollout_tick_s() -> float:
 def make_app(settings: CloudSettings | None = None) -> Celery:
     settings = settings or get_settings()
     app = Celery("edgefleet", include=["cloud.tasks", "cloud.triggers", "cloud.rollout_tasks"])
+    transport_options: dict[str, object] = {}
     if settings.resolved_broker_url.startswith("sqla+sqlite"):
         settings.data_dir.mkdir(parents=True, exist_ok=True)
+        prepare_sqlite_broker(settings.resolved_broker_url)
+        transport_options = sqlite_broker_transport_options()
     app.conf.update(
+        broker_transport_options=transport_options,
+        task_default_queue=SQLITE_BROKER_QUEUE,
         broker_url=settings.resolved_broker_url,
         result_backend=result_backend_for(settings),
         task_serializer="json",

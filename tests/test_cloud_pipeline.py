@@ -10,11 +10,13 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
+from kombu.connection import Connection
 
 from cloud.registry import crud
 from cloud.registry.db import session_scope
@@ -339,3 +341,44 @@ def test_pipeline_on_sqlite_broker_without_redis(tmp_path: Path) -> None:
     assert result["ref"] == f"waves@r{result['run_id']}-int8"
     with session_scope(env["EDGEFLEET_DATABASE_URL"]) as session:
         assert crud.get_run(session, run_id=int(result["run_id"])).state in ("published", "rejected")
+
+
+_FIRST_USE_SCRIPT = """
+import sys, time
+from kombu import Connection
+from cloud.celery_app import prepare_sqlite_broker, sqlite_broker_transport_options
+url, start_at = sys.argv[1], float(sys.argv[2])
+time.sleep(max(0.0, start_at - time.time()))
+prepare_sqlite_broker(url)
+with Connection(url, transport_options=sqlite_broker_transport_options()) as conn:
+    queue = conn.SimpleQueue("celery")
+    queue.put({"from": sys.argv[3]})
+    queue.close()
+"""
+
+
+def test_sqlite_broker_first_use_by_several_processes_at_once(tmp_path: Path) -> None:
+    """A worker and clients starting together on a fresh broker file used to race in kombu's lazy
+    table/queue creation (UNIQUE constraint failed: kombu_queue.name); every publish must land."""
+    env = {**os.environ, "EDGEFLEET_DEV_MODE": "true", "EDGEFLEET_DATA_DIR": str(tmp_path / "cloud")}
+    for round_no in range(4):
+        url = f"sqla+sqlite:///{tmp_path / f'broker-{round_no}.db'}"
+        start_at = time.time() + 3.0  # after every process has imported
+        procs = [
+            subprocess.Popen(
+                [sys.executable, "-c", _FIRST_USE_SCRIPT, url, str(start_at), str(i)],
+                env=env,
+                stderr=subprocess.PIPE,
+            )
+            for i in range(4)
+        ]
+        for proc in procs:
+            _, err = proc.communicate(timeout=120)
+            assert proc.returncode == 0, err.decode()[-2000:]
+        # kombu's table models use a loader strategy SQLAlchemy 2.1 deprecates (not ours to fix).
+        with warnings.catch_warnings(), Connection(url) as conn:
+            warnings.simplefilter("ignore", DeprecationWarning)
+            queue = conn.SimpleQueue("celery")
+            received = {queue.get(timeout=5).payload["from"] for _ in range(4)}
+            queue.close()
+        assert received == {"0", "1", "2", "3"}
