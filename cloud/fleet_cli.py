@@ -66,7 +66,16 @@ def _url(config_file: Path | None) -> str:
     return url
 
 
-def _api(method: str, api_url: str, path: str, body: Any = None, timeout: float = 130.0) -> Any:
+def _api(
+    method: str,
+    api_url: str,
+    path: str,
+    body: Any = None,
+    timeout: float = 130.0,
+    *,
+    missing_ok: bool = False,
+) -> Any:
+    """One admin API call; with ``missing_ok`` a 404 returns None."""
     import httpx  # noqa: PLC0415
 
     token = os.environ.get("EDGEFLEET_API_TOKEN")
@@ -84,6 +93,8 @@ def _api(method: str, api_url: str, path: str, body: Any = None, timeout: float 
         )
     except httpx.HTTPError as exc:
         raise click.ClickException(f"API at {api_url} unreachable: {exc}") from exc
+    if missing_ok and response.status_code == 404:
+        return None
     if response.status_code >= 400:
         raise click.ClickException(f"API {response.status_code}: {response.text}")
     return response.json()
@@ -191,7 +202,11 @@ def fleet_show(entity_id: str, config_file: Path | None, api_url: str | None, as
     """One edge (desired and reported state, latest metrics, its devices) or one device (state,
     desired vs reported config, health)."""
     if api_url:
-        row = _api("GET", api_url, f"/v1/fleet/edges/{entity_id}")
+        row = _api("GET", api_url, f"/v1/fleet/edges/{entity_id}", missing_ok=True)
+        if row is None:
+            row = _api("GET", api_url, f"/v1/fleet/devices/{entity_id}", missing_ok=True)
+        if row is None:
+            raise click.ClickException(f"no edge or device {entity_id} in the registry")
     else:
         from cloud.errors import NotFoundError  # noqa: PLC0415
         from cloud.registry import fleet as registry_fleet  # noqa: PLC0415
@@ -245,6 +260,7 @@ def _show_device(row: dict[str, Any]) -> None:
 @click.argument("settings_kv", nargs=-1, metavar="KEY=VALUE...")
 @click.option("--unset", "unset", multiple=True, help="drop KEY from the desired config (repeatable)")
 @config_option
+@api_option
 @json_option
 def fleet_set_config(
     *,
@@ -252,6 +268,7 @@ def fleet_set_config(
     settings_kv: tuple[str, ...],
     unset: tuple[str, ...],
     config_file: Path | None,
+    api_url: str | None,
     as_json: bool,
 ) -> None:
     """Set the desired config of a device (e.g. rate_hz=50 heartbeat_interval_s=5): recorded in the
@@ -263,14 +280,18 @@ def fleet_set_config(
 
     try:
         changes = parse_args(settings_kv)
-        _url(config_file)
-        row = set_device_config(
-            settings=_settings(config_file),
-            device_id=device_id,
-            changes=changes,
-            unset=list(unset),
-            actor=_actor(),
-        )
+        if api_url:
+            body = {"set": changes, "unset": list(unset)}
+            row = _api("PUT", api_url, f"/v1/fleet/devices/{device_id}/config", body)
+        else:
+            _url(config_file)
+            row = set_device_config(
+                settings=_settings(config_file),
+                device_id=device_id,
+                changes=changes,
+                unset=list(unset),
+                actor=_actor(),
+            )
     except (CommandError, EdgefleetError) as exc:
         raise _fail(exc) from exc
     if as_json:

@@ -177,6 +177,8 @@ def test_openapi_lists_every_route_and_the_bearer_requirement(
         "/v1/fleet/edges",
         "/v1/fleet/edges/{edge_id}",
         "/v1/fleet/devices",
+        "/v1/fleet/devices/{device_id}",
+        "/v1/fleet/devices/{device_id}/config",
         "/v1/commands",
         "/v1/models",
         "/v1/models/{ref}",

@@ -13,13 +13,19 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
+import uvicorn
 from click.testing import CliRunner
 
+from cloud.api import create_app
+from cloud.auth import create_token
 from cloud.ingest import Ingest
 from cloud.registry import fleet
 from cloud.registry.db import session_scope
@@ -27,7 +33,7 @@ from edge_node.node import EdgeNode
 from shared.cli import cli as edgefleet
 from shared.settings import MqttSettings
 from shared.settings.cloud import CloudSettings
-from tests.brokers import Mosquitto
+from tests.brokers import Mosquitto, free_port
 from tests.edge_fixtures import edge_settings, wait_for
 
 WAIT_S = 30.0
@@ -94,8 +100,8 @@ class Env:
         proc.send_signal(signal.SIGKILL)
         proc.wait(10)
 
-    def cli(self, *args: str) -> Any:
-        result = CliRunner().invoke(edgefleet, list(args), env=self.cli_env)
+    def cli(self, *args: str, env: dict[str, str] | None = None) -> Any:
+        result = CliRunner().invoke(edgefleet, list(args), env={**self.cli_env, **(env or {})})
         assert result.exit_code == 0, result.output
         return json.loads(result.output) if "--json" in args else result.output
 
@@ -230,3 +236,65 @@ def test_desired_device_config_converges_when_the_device_reconnects(env: Env) ->
         desired = fleet.device_desired_config(session, device_id="pump-2")
         assert desired is not None
         assert desired.revision == 3
+
+
+@contextmanager
+def _admin_api(settings: CloudSettings) -> Iterator[str]:
+    """The real admin API (uvicorn in a thread) over the test's registry and broker; yields its URL."""
+    port = free_port()
+    server = uvicorn.Server(
+        uvicorn.Config(create_app(settings), host="127.0.0.1", port=port, log_level="warning")
+    )
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + WAIT_S
+    while not server.started and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert server.started, "uvicorn did not start"
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(10)
+
+
+def test_device_show_and_desired_config_through_the_api(env: Env) -> None:
+    """``fleet show|set-config --api``: the same registry functions over HTTP, audited as the token."""
+    env.start_edge()
+    env.start_agent("pump-3")
+    env.wait_device("pump-3", "online behind edge-1", state="online", edge_id="edge-1")
+    token = create_token(database_url=env.settings.resolved_database_url, name="ops-alice")
+    with _admin_api(env.settings) as api:
+        through_api = {"EDGEFLEET_API_URL": api, "EDGEFLEET_API_TOKEN": token}
+        shown = env.cli("fleet", "show", "pump-3", "--json", env=through_api)
+        assert (shown["device_id"], shown["state"], shown["edge_id"]) == ("pump-3", "online", "edge-1")
+        assert env.cli("fleet", "show", "edge-1", "--json", env=through_api)["edge_id"] == "edge-1"
+
+        row = env.cli("fleet", "set-config", "pump-3", "rate_hz=20", "--json", env=through_api)
+        assert (row["desired_config_revision"], row["desired_config"]) == (1, {"rate_hz": 20})
+        applied = env.wait_device("pump-3", "config r1 applied", reported_config_revision=1)
+        assert applied["config_in_sync"] is True
+        assert applied["reported_config"]["rate_hz"] == 20.0
+
+        headers = {"Authorization": f"Bearer {token}"}
+        with httpx.Client(base_url=api, timeout=30) as client:
+            audit = client.get("/v1/audit", params={"action": "device_config"}, headers=headers).json()
+            assert audit[0]["actor"] == "api:ops-alice"
+            assert audit[0]["target"] == "pump-3"
+            path = "/v1/fleet/devices/pump-3/config"
+            assert client.put(path, json={"set": {"rate_hz": 5}}).status_code == 401
+            refused = client.put(path, json={"set": {"device_id": "x"}}, headers=headers)
+            assert refused.status_code == 400
+            assert "cannot be set on a running device" in refused.json()["detail"]
+            assert client.put(path, json={"rate_hz": 5}, headers=headers).status_code == 422
+            assert client.get("/v1/fleet/devices/nobody", headers=headers).status_code == 404
+
+        missing = CliRunner().invoke(
+            edgefleet, ["fleet", "show", "nobody"], env={**env.cli_env, **through_api}
+        )
+        assert missing.exit_code != 0
+        assert "no edge or device nobody" in missing.output
+    with session_scope(env.settings.resolved_database_url) as session:
+        desired = fleet.device_desired_config(session, device_id="pump-3")
+        assert desired is not None
+        assert desired.revision == 1  # the refused and malformed requests recorded nothing

@@ -13,13 +13,14 @@ from typing import Annotated, Any
 from fastapi import Depends, FastAPI, HTTPException, Query, Request
 from fastapi.responses import FileResponse
 from fastapi.security import HTTPBearer
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, JsonValue
 
-from cloud import auth, commands, rollouts
+from cloud import auth, commands, device_config, rollouts
 from cloud.errors import CloudError, NotFoundError
 from cloud.gates import DEFAULT_GATES
 from cloud.registry import crud, fleet
 from cloud.registry.db import session_scope
+from shared.errors import MqttError
 from shared.settings.cloud import CloudSettings
 
 logger = logging.getLogger(__name__)
@@ -49,6 +50,13 @@ class RolloutRequest(BaseModel):
     gates: dict[str, float] = Field(default_factory=dict)
     min_windows: int = Field(default=200, ge=1)
     soak_s: float = Field(default=30.0, ge=0)
+
+
+class DeviceConfigRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    set: dict[str, JsonValue] = Field(default_factory=dict, description="settings to change")
+    unset: list[str] = Field(default_factory=list, description="settings to drop from the desired config")
 
 
 class RollbackRequest(BaseModel):
@@ -125,6 +133,27 @@ def create_app(settings: CloudSettings) -> FastAPI:
     def list_devices(_who: Admin) -> list[dict[str, Any]]:
         with session_scope(url) as session:
             return fleet.fleet_devices(session)
+
+    @app.get("/v1/fleet/devices/{device_id}")
+    def show_device(device_id: str, _who: Admin) -> dict[str, Any]:
+        with session_scope(url) as session:
+            return fleet.fleet_device(session, device_id=device_id)
+
+    @app.put("/v1/fleet/devices/{device_id}/config")
+    def set_device_config(device_id: str, body: DeviceConfigRequest, who: Admin) -> dict[str, Any]:
+        """A new desired-config revision, published retained on the device's desired topic; an
+        empty body publishes the current one again."""
+        try:
+            return device_config.set_device_config(
+                settings=settings,
+                device_id=device_id,
+                changes=body.set,
+                unset=body.unset,
+                actor=f"api:{who.name}",
+            )
+        except MqttError as exc:
+            # The revision is recorded; the broker did not take it. PUT again to publish it.
+            raise HTTPException(status_code=503, detail=f"recorded, not published: {exc}") from exc
 
     @app.post("/v1/commands")
     def send_command(body: CommandRequest, who: Admin) -> dict[str, Any]:
