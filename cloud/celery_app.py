@@ -80,6 +80,12 @@ def _rollout_tick_s() -> float:
     return TICK_S
 
 
+def _device_config_check_s() -> float:
+    from cloud.device_config import REPUBLISH_CHECK_S  # noqa: PLC0415
+
+    return REPUBLISH_CHECK_S
+
+
 def make_app(settings: CloudSettings | None = None) -> Celery:
     settings = settings or get_settings()
     app = Celery("edgefleet", include=["cloud.tasks", "cloud.triggers", "cloud.rollout_tasks"])
@@ -110,6 +116,10 @@ def make_app(settings: CloudSettings | None = None) -> Celery:
                 "schedule": settings.thresholds.trigger_check_s,
             },
             "tick-rollouts": {"task": "edgefleet.rollouts.tick", "schedule": _rollout_tick_s()},
+            "republish-device-config": {
+                "task": "edgefleet.devices.republish_config",
+                "schedule": _device_config_check_s(),
+            },
         },
     )
     return app

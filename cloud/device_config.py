@@ -2,8 +2,10 @@
 ``desired`` topic (``DeviceDesired``, QoS1), applied by the device agent like a ``set_config``
 command and reported back in its birth (``config_revision``, ``config``, ``config_error``), which
 the edges relay to the ingest. A device that is offline gets the retained message when it
-reconnects: no operator action, no re-send loop. Shared by the CLI (``edgefleet fleet set-config``)
-and any API route."""
+reconnects: no operator action, no re-send loop. A revision the broker did not take (it was down)
+stays recorded without ``published_at`` and beat publishes it when the broker is back
+(``republish_unpublished``). Shared by the CLI (``edgefleet fleet set-config``), the API
+(``PUT /v1/fleet/devices/{id}/config``) and the Celery beat task."""
 
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ from pydantic import JsonValue
 from cloud.errors import CloudError
 from cloud.registry import crud, fleet
 from cloud.registry.db import session_scope
+from shared.errors import MqttError
 from shared.schemas import DeviceDesired, encode_message
 from shared.settings.agent import RUNTIME_SETTINGS
 from shared.settings.cloud import CloudSettings
@@ -28,11 +31,17 @@ from shared.topics import validate_id
 logger = logging.getLogger(__name__)
 
 PUBACK_TIMEOUT_S = 10.0
+# How often beat looks for recorded, unpublished desired device configs.
+REPUBLISH_CHECK_S = float(os.environ.get("EDGEFLEET_DEVICE_CONFIG_CHECK_S", "15.0"))
 
 
 class DeviceConfigError(CloudError):
     """A desired device config the registry refuses (unknown or restart-only setting), or one the
     broker did not take."""
+
+
+class DeviceConfigUnpublishedError(DeviceConfigError):
+    """The revision is recorded but the broker did not take it; beat publishes it later."""
 
 
 def validate_config(changes: dict[str, JsonValue], unset: Sequence[str] = ()) -> None:
@@ -61,10 +70,19 @@ def publish_device_desired(*, link: Any, settings: CloudSettings, desired: Devic
                 return
         except queue.Empty:
             break
-    raise DeviceConfigError(
-        f"desired config of {desired.device_id} was not acknowledged by the broker in "
-        f"{PUBACK_TIMEOUT_S:.0f} s; it is recorded: run set-config again to publish it"
+    raise MqttError(f"no PUBACK from the broker in {PUBACK_TIMEOUT_S:.0f} s")
+
+
+def _link(settings: CloudSettings, purpose: str) -> Any:
+    from shared.mqtt import MqttLink  # noqa: PLC0415
+
+    link = MqttLink(
+        settings.broker,
+        client_id=f"edgefleet-{purpose}-{os.getpid()}-{uuid.uuid4().hex[:6]}",
+        track_acks=True,
     )
+    link.connect()
+    return link
 
 
 def set_device_config(
@@ -78,9 +96,10 @@ def set_device_config(
 ) -> dict[str, Any]:
     """Record a new desired-config revision for ``device_id`` (``changes`` merged in, ``unset`` keys
     dropped; with neither, the current config is published again), audit it (``device_config``),
-    publish it retained and return the device's ``fleet.fleet_device`` view."""
-    from shared.mqtt import MqttLink  # noqa: PLC0415
+    publish it retained and return the device's ``fleet.fleet_device`` view.
 
+    ``DeviceConfigUnpublishedError`` when the broker is unreachable or does not acknowledge: the
+    revision stays recorded and beat publishes it once the broker is back."""
     try:
         validate_id(device_id, what="device id")
     except ValueError as exc:
@@ -101,19 +120,55 @@ def set_device_config(
             detail={"revision": record.revision, "set": changes, "unset": list(unset)},
         )
     own = link is None
-    if own:
-        link = MqttLink(
-            settings.broker,
-            client_id=f"edgefleet-device-config-{os.getpid()}-{uuid.uuid4().hex[:6]}",
-            track_acks=True,
-        )
-        link.connect()
     try:
-        publish_device_desired(link=link, settings=settings, desired=desired)
-    finally:
         if own:
-            link.stop()
+            link = _link(settings, "device-config")
+        try:
+            publish_device_desired(link=link, settings=settings, desired=desired)
+        finally:
+            if own and link is not None:
+                link.stop()
+    except MqttError as exc:
+        raise DeviceConfigUnpublishedError(
+            f"desired config r{desired.revision} of {device_id} is recorded but not published ({exc}); "
+            "the cloud beat publishes it when the broker is back, or run set-config again"
+        ) from exc
     logger.info("desired config r%d published to %s", desired.revision, device_id)
     with session_scope(url) as session:
         fleet.mark_device_config_published(session, device_id=device_id, revision=desired.revision)
         return fleet.fleet_device(session, device_id=device_id)
+
+
+def republish_unpublished(*, settings: CloudSettings, link: Any = None) -> list[str]:
+    """Publish every recorded desired config the broker has not taken (``published_at`` unset), e.g.
+    set while the broker was down; returns the devices published. Idempotent: the device applies a
+    revision once, and a revision superseded meanwhile is skipped by ``mark_device_config_published``."""
+    url = settings.resolved_database_url
+    with session_scope(url) as session:
+        pending = [
+            DeviceDesired(device_id=r.device_id, revision=r.revision, config=dict(r.config or {}))
+            for r in fleet.unpublished_device_configs(session)
+        ]
+    if not pending:
+        return []
+    own = link is None
+    published: list[str] = []
+    try:
+        if own:
+            link = _link(settings, "device-config-republish")
+        for desired in pending:
+            publish_device_desired(link=link, settings=settings, desired=desired)
+            with session_scope(url) as session:
+                fleet.mark_device_config_published(
+                    session, device_id=desired.device_id, revision=desired.revision
+                )
+            published.append(desired.device_id)
+            logger.info("desired config r%d republished to %s", desired.revision, desired.device_id)
+    except MqttError as exc:
+        logger.warning(
+            "%d desired device config(s) still unpublished: %s", len(pending) - len(published), exc
+        )
+    finally:
+        if own and link is not None:
+            link.stop()
+    return published

@@ -1,10 +1,13 @@
-"""Celery task of the rollout engine, run by beat every ``cloud.rollouts.TICK_S``."""
+"""Celery tasks of the fleet's reconcilers, run by beat: the rollout engine (every
+``cloud.rollouts.TICK_S``) and the republishing of desired device configs the broker did not take
+(every ``cloud.device_config.REPUBLISH_CHECK_S``)."""
 
 from __future__ import annotations
 
 import contextlib
 from typing import Any
 
+from cloud import device_config
 from cloud.celery_app import app, get_settings
 from cloud.rollouts import tick
 
@@ -37,3 +40,10 @@ def tick_task(rollout_ids: list[str] | None = None) -> list[dict[str, Any]]:
     return [
         {"rollout_id": s["rollout_id"], "state": s["state"], "wave": s["current_wave"]} for s in summaries
     ]
+
+
+@app.task(name="edgefleet.devices.republish_config", time_limit=60, soft_time_limit=50, expires=15)  # type: ignore[untyped-decorator]
+def republish_device_config_task() -> list[str]:
+    """Publish the desired device configs recorded while the broker was unreachable (idempotent:
+    a device applies each revision once)."""
+    return device_config.republish_unpublished(settings=get_settings())

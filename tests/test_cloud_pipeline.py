@@ -3,10 +3,8 @@ prepare -> train -> compress + evaluate (per variant) -> gate -> sign -> publish
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -26,6 +24,7 @@ from shared.settings import MqttSettings
 from shared.signing import load_public_key, verify_manifest
 from shared.topics import EdgeTopic, Topics
 from tests.brokers import Mosquitto, RedisServer
+from tests.celery_worker import celery_worker
 
 WORKER_START_S = 60.0
 PIPELINE_TIMEOUT_S = 240.0
@@ -68,44 +67,9 @@ def cloud_env(tmp_path: Path, redis_server: RedisServer, mosquitto: Mosquitto) -
     return env
 
 
-@contextlib.contextmanager
-def _worker(env: dict[str, str], tmp_path: Path) -> Iterator[subprocess.Popen[bytes]]:
-    log = (tmp_path / "worker.log").open("wb")
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "celery",
-            "-A",
-            "cloud.celery_app",
-            "worker",
-            "--loglevel=INFO",
-            "--concurrency=1",
-            "--pool=prefork",
-            f"--hostname=test-{os.getpid()}@%h",
-            "--without-gossip",
-            "--without-mingle",
-            "--without-heartbeat",
-        ],
-        env=env,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
-    try:
-        yield proc
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        log.close()
-
-
 @pytest.fixture
 def worker(cloud_env: dict[str, str], tmp_path: Path) -> Iterator[subprocess.Popen[bytes]]:
-    with _worker(cloud_env, tmp_path) as proc:
+    with celery_worker(cloud_env, tmp_path / "worker.log", name="test") as proc:
         yield proc
 
 
@@ -336,7 +300,7 @@ def test_pipeline_on_sqlite_broker_without_redis(tmp_path: Path) -> None:
         "training": {"filters": [8], "dense_units": 0, "epochs": 2, "early_stopping_patience": 0},
         "compression": {"variants": ["int8"]},
     }
-    with _worker(env, tmp_path):
+    with celery_worker(env, tmp_path / "worker.log", name="test"):
         result = _run_pipeline(env, config, tmp_path)
     assert result["ref"] == f"waves@r{result['run_id']}-int8"
     with session_scope(env["EDGEFLEET_DATABASE_URL"]) as session:

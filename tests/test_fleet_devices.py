@@ -26,6 +26,7 @@ from click.testing import CliRunner
 
 from cloud.api import create_app
 from cloud.auth import create_token
+from cloud.device_config import DeviceConfigUnpublishedError, set_device_config
 from cloud.ingest import Ingest
 from cloud.registry import fleet
 from cloud.registry.db import session_scope
@@ -33,7 +34,8 @@ from edge_node.node import EdgeNode
 from shared.cli import cli as edgefleet
 from shared.settings import MqttSettings
 from shared.settings.cloud import CloudSettings
-from tests.brokers import Mosquitto, free_port
+from tests.brokers import Mosquitto, RedisServer, free_port
+from tests.celery_worker import celery_worker
 from tests.edge_fixtures import edge_settings, wait_for
 
 WAIT_S = 30.0
@@ -298,3 +300,39 @@ def test_device_show_and_desired_config_through_the_api(env: Env) -> None:
         desired = fleet.device_desired_config(session, device_id="pump-3")
         assert desired is not None
         assert desired.revision == 1  # the refused and malformed requests recorded nothing
+
+
+def test_config_recorded_while_the_broker_is_down_is_published_by_beat(
+    env: Env, redis_server: RedisServer
+) -> None:
+    """The broker does not take a new revision: it is recorded unpublished, the CLI says so, and the
+    cloud's beat (a real Celery worker with ``-B``) publishes it once the broker answers; the
+    device applies it."""
+    env.start_edge()
+    env.start_agent("pump-4")
+    env.wait_device("pump-4", "online", state="online")
+
+    unreachable = env.settings.model_copy(
+        update={"broker": MqttSettings(url=f"mqtt://127.0.0.1:{free_port()}")}
+    )
+    with pytest.raises(DeviceConfigUnpublishedError, match="recorded but not published"):
+        set_device_config(settings=unreachable, device_id="pump-4", changes={"rate_hz": 25})
+    with session_scope(env.settings.resolved_database_url) as session:
+        assert [r.device_id for r in fleet.unpublished_device_configs(session)] == ["pump-4"]
+    assert env.device("pump-4") is not None
+
+    worker_env = {
+        **os.environ,
+        **env.cli_env,
+        "EDGEFLEET_REDIS_URL": redis_server.url,
+        "EDGEFLEET_DEV_MODE": "true",
+        "EDGEFLEET_DEVICE_CONFIG_CHECK_S": "1",
+    }
+    worker_log = env.tmp_path / "worker.log"
+    with celery_worker(worker_env, worker_log, name="devcfg", beat_schedule=env.tmp_path / "beat"):
+        applied = env.wait_device("pump-4", "config r1 applied", reported_config_revision=1)
+        assert applied["config_in_sync"] is True
+        assert applied["reported_config"]["rate_hz"] == 25.0
+        assert applied["desired_config_published_at"] is not None
+    with session_scope(env.settings.resolved_database_url) as session:
+        assert fleet.unpublished_device_configs(session) == []

@@ -12,7 +12,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import signal
 import subprocess
 import sys
 import tempfile
@@ -41,6 +40,7 @@ from shared.settings import MqttSettings
 from shared.settings.cloud import CloudSettings
 from shared.topics import EdgeTopic, Topics
 from tests.brokers import Mosquitto, RedisServer
+from tests.celery_worker import start_celery_worker, stop_celery_worker
 from tests.edge_fixtures import (
     CLASS_NAMES,
     edge_models_fixture,  # noqa: F401  (fixture)
@@ -158,40 +158,17 @@ class Fleet:
 
     def start_worker(self) -> None:
         """The cloud's Celery worker with an embedded beat (which ticks the rollout engine)."""
-        with (self.workdir / "worker.log").open("ab") as log:
-            self.worker = subprocess.Popen(
-                [
-                    sys.executable,
-                    "-m",
-                    "celery",
-                    "-A",
-                    "cloud.celery_app",
-                    "worker",
-                    "-B",
-                    "-s",
-                    str(self.workdir / "beat-schedule"),
-                    "--loglevel=INFO",
-                    "--concurrency=1",
-                    f"--hostname=rollout-{os.getpid()}@%h",
-                    "--without-gossip",
-                    "--without-mingle",
-                    "--without-heartbeat",
-                ],
-                env=self.worker_env,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-            )
+        self.worker = start_celery_worker(
+            self.worker_env,
+            self.workdir / "worker.log",
+            name="rollout",
+            beat_schedule=self.workdir / "beat-schedule",
+        )
 
     def stop_worker(self) -> None:
-        if self.worker is None:
-            return
-        self.worker.send_signal(signal.SIGTERM)
-        try:
-            self.worker.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            self.worker.kill()
-            self.worker.wait()
-        self.worker = None
+        if self.worker is not None:
+            stop_celery_worker(self.worker)
+            self.worker = None
 
     @property
     def url(self) -> str:

@@ -20,7 +20,6 @@ from cloud.errors import CloudError, NotFoundError
 from cloud.gates import DEFAULT_GATES
 from cloud.registry import crud, fleet
 from cloud.registry.db import session_scope
-from shared.errors import MqttError
 from shared.settings.cloud import CloudSettings
 
 logger = logging.getLogger(__name__)
@@ -151,9 +150,9 @@ def create_app(settings: CloudSettings) -> FastAPI:
                 unset=body.unset,
                 actor=f"api:{who.name}",
             )
-        except MqttError as exc:
-            # The revision is recorded; the broker did not take it. PUT again to publish it.
-            raise HTTPException(status_code=503, detail=f"recorded, not published: {exc}") from exc
+        except device_config.DeviceConfigUnpublishedError as exc:
+            # Recorded; beat publishes it when the broker is back (or PUT again).
+            raise HTTPException(status_code=503, detail=str(exc)) from exc
 
     @app.post("/v1/commands")
     def send_command(body: CommandRequest, who: Admin) -> dict[str, Any]:

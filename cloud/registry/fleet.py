@@ -360,6 +360,12 @@ def device_desired_config(session: Session, *, device_id: str) -> DeviceDesiredC
     return session.get(DeviceDesiredConfig, device_id)
 
 
+def unpublished_device_configs(session: Session) -> list[DeviceDesiredConfig]:
+    """Desired device configs recorded but not (yet) taken by the broker: republished by beat."""
+    query = select(DeviceDesiredConfig).where(DeviceDesiredConfig.published_at.is_(None))
+    return list(session.scalars(query.order_by(DeviceDesiredConfig.device_id)))
+
+
 def mark_device_config_published(session: Session, *, device_id: str, revision: int) -> None:
     current = session.get(DeviceDesiredConfig, device_id)
     if current is not None and current.revision == revision:
