@@ -120,3 +120,61 @@ def _deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
         elif value is not None:
             out[key] = value
     return out
+
+
+@edge.command("bridge-config")
+@click.option(
+    "--cloud-broker", required=True, help="cloud broker URL the site broker bridges to, mqtt(s)://HOST:PORT"
+)
+@click.option("--name", required=True, help="connection name and client id on the cloud broker: one per site")
+@click.option(
+    "--username", help="the bridge's user on the cloud broker (password: EDGEFLEET_BRIDGE_PASSWORD)"
+)
+@click.option("--tls-ca", type=click.Path(dir_okay=False, path_type=Path), help="CA bundle (turns TLS on)")
+@click.option("--tls-cert", type=click.Path(dir_okay=False, path_type=Path), help="client certificate")
+@click.option("--tls-key", type=click.Path(dir_okay=False, path_type=Path), help="its key")
+@click.option("--prefix", "topic_prefix", default=None, help="topic prefix (default ef/v1)")
+@click.option(
+    "--output",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="write here (mode 0600: it may hold the password) instead of printing",
+)
+def bridge_config(
+    *,
+    cloud_broker: str,
+    name: str,
+    username: str | None,
+    tls_ca: Path | None,
+    tls_cert: Path | None,
+    tls_key: Path | None,
+    topic_prefix: str | None,
+    output: Path | None,
+) -> None:
+    """Print the mosquitto bridge for a site broker: device cmd/desired down from the cloud broker,
+    ack/status up (docs/operations.md, "Split brokers")."""
+    import os  # noqa: PLC0415
+
+    from pydantic import ValidationError  # noqa: PLC0415
+
+    from shared.bridge import mosquitto_bridge_config  # noqa: PLC0415
+    from shared.errors import ConfigError  # noqa: PLC0415
+    from shared.settings import MqttSettings  # noqa: PLC0415
+
+    fields: dict[str, Any] = {"url": cloud_broker, "username": username}
+    fields.update(tls_ca=tls_ca, tls_cert=tls_cert, tls_key=tls_key)
+    if password := os.environ.get("EDGEFLEET_BRIDGE_PASSWORD"):
+        fields["password"] = password
+    if topic_prefix:
+        fields["topic_prefix"] = topic_prefix
+    try:
+        cloud = MqttSettings(**fields)
+        text = mosquitto_bridge_config(cloud=cloud, name=name)
+    except (ValidationError, ConfigError) as exc:
+        raise click.ClickException(str(exc)) from exc
+    if output is None:
+        click.echo(text, nl=False)
+        return
+    fd = os.open(output, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as out:
+        out.write(text)
+    click.echo(f"wrote {output}")

@@ -11,7 +11,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -34,6 +33,7 @@ from edge_node.node import EdgeNode
 from shared.cli import cli as edgefleet
 from shared.settings import MqttSettings
 from shared.settings.cloud import CloudSettings
+from tests.agent_process import start_agent_process
 from tests.brokers import Mosquitto, RedisServer, free_port
 from tests.celery_worker import celery_worker
 from tests.edge_fixtures import edge_settings, wait_for
@@ -71,30 +71,8 @@ class Env:
         self.edge = None
 
     def start_agent(self, device_id: str) -> None:
-        with (self.tmp_path / f"{device_id}.log").open("ab") as log:
-            self.agents[device_id] = self._spawn(device_id, log)
-
-    def _spawn(self, device_id: str, log: Any) -> subprocess.Popen[bytes]:
-        return subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "device_agent",
-                "run",
-                "--device-id",
-                device_id,
-                "--broker",
-                self.broker.url,
-                "--data-dir",
-                str(self.tmp_path / device_id),
-                "--rate",
-                "100",
-                "--window",
-                "50",
-            ],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            env={k: v for k, v in os.environ.items() if not k.startswith("EDGEFLEET_")},
+        self.agents[device_id] = start_agent_process(
+            device_id, self.broker.url, self.tmp_path / device_id, self.tmp_path / f"{device_id}.log"
         )
 
     def kill_agent(self, device_id: str) -> None:
