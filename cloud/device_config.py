@@ -2,10 +2,11 @@
 ``desired`` topic (``DeviceDesired``, QoS1), applied by the device agent like a ``set_config``
 command and reported back in its birth (``config_revision``, ``config``, ``config_error``), which
 the edges relay to the ingest. A device that is offline gets the retained message when it
-reconnects: no operator action, no re-send loop. A revision the broker did not take (it was down)
-stays recorded without ``published_at`` and beat publishes it when the broker is back
-(``republish_unpublished``). Shared by the CLI (``edgefleet fleet set-config``), the API
-(``PUT /v1/fleet/devices/{id}/config``) and the Celery beat task."""
+reconnects: no operator action. Beat (``republish_pending``) publishes a revision the broker did not
+take (it was down) once the broker is back, and again one an online device still does not report
+after ``REPUBLISH_STALE_S`` (a retained message lost by a broker without persistence). Shared by
+the CLI (``edgefleet fleet set-config``), the API (``PUT /v1/fleet/devices/{id}/config``) and the
+Celery beat task."""
 
 from __future__ import annotations
 
@@ -33,6 +34,8 @@ logger = logging.getLogger(__name__)
 PUBACK_TIMEOUT_S = 10.0
 # How often beat looks for recorded, unpublished desired device configs.
 REPUBLISH_CHECK_S = float(os.environ.get("EDGEFLEET_DEVICE_CONFIG_CHECK_S", "15.0"))
+# How long an online device may go without reporting a published revision before it is sent again.
+REPUBLISH_STALE_S = float(os.environ.get("EDGEFLEET_DEVICE_CONFIG_STALE_S", "60.0"))
 
 
 class DeviceConfigError(CloudError):
@@ -139,15 +142,16 @@ def set_device_config(
         return fleet.fleet_device(session, device_id=device_id)
 
 
-def republish_unpublished(*, settings: CloudSettings, link: Any = None) -> list[str]:
-    """Publish every recorded desired config the broker has not taken (``published_at`` unset), e.g.
-    set while the broker was down; returns the devices published. Idempotent: the device applies a
-    revision once, and a revision superseded meanwhile is skipped by ``mark_device_config_published``."""
+def republish_pending(*, settings: CloudSettings, link: Any = None) -> list[str]:
+    """Publish every desired config the broker has not taken (set while it was down) or an online
+    device has not picked up after ``REPUBLISH_STALE_S`` (``fleet.device_configs_to_publish``);
+    returns the devices published. Idempotent: a device applies each revision once, and a revision
+    superseded meanwhile is not marked published (``mark_device_config_published``)."""
     url = settings.resolved_database_url
     with session_scope(url) as session:
         pending = [
             DeviceDesired(device_id=r.device_id, revision=r.revision, config=dict(r.config or {}))
-            for r in fleet.unpublished_device_configs(session)
+            for r in fleet.device_configs_to_publish(session, now=time.time(), stale_s=REPUBLISH_STALE_S)
         ]
     if not pending:
         return []

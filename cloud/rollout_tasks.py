@@ -1,6 +1,6 @@
 """Celery tasks of the fleet's reconcilers, run by beat: the rollout engine (every
-``cloud.rollouts.TICK_S``) and the republishing of desired device configs the broker did not take
-(every ``cloud.device_config.REPUBLISH_CHECK_S``)."""
+``cloud.rollouts.TICK_S``) and the publishing of desired device configs the broker did not take or
+a device did not get (every ``cloud.device_config.REPUBLISH_CHECK_S``)."""
 
 from __future__ import annotations
 
@@ -44,6 +44,6 @@ def tick_task(rollout_ids: list[str] | None = None) -> list[dict[str, Any]]:
 
 @app.task(name="edgefleet.devices.republish_config", time_limit=60, soft_time_limit=50, expires=15)  # type: ignore[untyped-decorator]
 def republish_device_config_task() -> list[str]:
-    """Publish the desired device configs recorded while the broker was unreachable (idempotent:
-    a device applies each revision once)."""
-    return device_config.republish_unpublished(settings=get_settings())
+    """Publish the desired device configs the broker did not take, or an online device has not picked
+    up (idempotent: a device applies each revision once)."""
+    return device_config.republish_pending(settings=get_settings())

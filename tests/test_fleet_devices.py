@@ -31,8 +31,10 @@ from cloud.registry import fleet
 from cloud.registry.db import session_scope
 from edge_node.node import EdgeNode
 from shared.cli import cli as edgefleet
+from shared.mqtt import MqttLink
 from shared.settings import MqttSettings
 from shared.settings.cloud import CloudSettings
+from shared.topics import Topics
 from tests.agent_process import start_agent_process
 from tests.brokers import Mosquitto, RedisServer, free_port
 from tests.celery_worker import celery_worker
@@ -285,7 +287,8 @@ def test_config_recorded_while_the_broker_is_down_is_published_by_beat(
 ) -> None:
     """The broker does not take a new revision: it is recorded unpublished, the CLI says so, and the
     cloud's beat (a real Celery worker with ``-B``) publishes it once the broker answers; the
-    device applies it."""
+    device applies it. Then the retained message is lost (as when a broker without persistence
+    restarts) and the device restarts from its own file: beat sends the revision again."""
     env.start_edge()
     env.start_agent("pump-4")
     env.wait_device("pump-4", "online", state="online")
@@ -305,6 +308,7 @@ def test_config_recorded_while_the_broker_is_down_is_published_by_beat(
         "EDGEFLEET_REDIS_URL": redis_server.url,
         "EDGEFLEET_DEV_MODE": "true",
         "EDGEFLEET_DEVICE_CONFIG_CHECK_S": "1",
+        "EDGEFLEET_DEVICE_CONFIG_STALE_S": "3",
     }
     worker_log = env.tmp_path / "worker.log"
     with celery_worker(worker_env, worker_log, name="devcfg", beat_schedule=env.tmp_path / "beat"):
@@ -312,5 +316,29 @@ def test_config_recorded_while_the_broker_is_down_is_published_by_beat(
         assert applied["config_in_sync"] is True
         assert applied["reported_config"]["rate_hz"] == 25.0
         assert applied["desired_config_published_at"] is not None
+
+        env.kill_agent("pump-4")
+        env.wait_device("pump-4", "offline", state="offline")
+        _clear_retained(env.broker.url, Topics().device_desired("pump-4"))
+        env.start_agent("pump-4")
+        env.wait_device("pump-4", "back online", state="online")
+        again = env.wait_device("pump-4", "r1 sent again and applied", reported_config_revision=1)
+        assert again["config_in_sync"] is True
+        assert again["reported_config"]["rate_hz"] == 25.0
+    # Beat's own record: r1 published when the broker was back, and again after the loss.
+    sent = worker_log.read_text(errors="replace").count("desired config r1 republished to pump-4")
+    assert sent >= 2, worker_log.read_text(errors="replace")[-3000:]
     with session_scope(env.settings.resolved_database_url) as session:
         assert fleet.unpublished_device_configs(session) == []
+
+
+def _clear_retained(broker_url: str, topic: str) -> None:
+    """Delete a retained message (an empty retained publish), as a broker restarted without
+    persistence would have forgotten it."""
+    link = MqttLink(MqttSettings(url=broker_url), client_id=f"clear-{os.getpid()}", track_acks=True)
+    link.connect()
+    try:
+        mid = link.publish(topic, b"", qos=1, retain=True)
+        wait_for(lambda: link.acked.get(timeout=WAIT_S) == mid, "the broker's PUBACK")
+    finally:
+        link.stop()

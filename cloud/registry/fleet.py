@@ -361,9 +361,27 @@ def device_desired_config(session: Session, *, device_id: str) -> DeviceDesiredC
 
 
 def unpublished_device_configs(session: Session) -> list[DeviceDesiredConfig]:
-    """Desired device configs recorded but not (yet) taken by the broker: republished by beat."""
+    """Desired device configs recorded but not (yet) taken by the broker."""
     query = select(DeviceDesiredConfig).where(DeviceDesiredConfig.published_at.is_(None))
     return list(session.scalars(query.order_by(DeviceDesiredConfig.device_id)))
+
+
+def device_configs_to_publish(session: Session, *, now: float, stale_s: float) -> list[DeviceDesiredConfig]:
+    """What beat publishes: revisions the broker never took, and revisions published at least
+    ``stale_s`` ago that an online device still does not report (its birth names an older revision
+    or none: the retained message was lost, e.g. a broker without persistence restarted). A device
+    that refused a revision reports it, so it is not sent again."""
+    found = unpublished_device_configs(session)
+    devices = {d.device_id: d for d in session.scalars(select(Device).where(Device.state == "online"))}
+    query = select(DeviceDesiredConfig).where(DeviceDesiredConfig.published_at <= now - stale_s)
+    for desired in session.scalars(query.order_by(DeviceDesiredConfig.device_id)):
+        device = devices.get(desired.device_id)
+        if device is None:
+            continue  # offline: the retained message waits for it on the broker
+        reported = (device.info or {}).get("config_revision")
+        if reported is None or reported < desired.revision:
+            found.append(desired)
+    return found
 
 
 def mark_device_config_published(session: Session, *, device_id: str, revision: int) -> None:
