@@ -266,9 +266,11 @@ class MqttLink:
             self.client.ack(message.mid, message.qos)
 
     def connect(self, timeout: float = CONNECT_TIMEOUT_S) -> None:
-        """Start and wait for the first connection; raise ``MqttError`` if it does not come."""
+        """Start and wait for the first connection; if it does not come, stop (no network thread left
+        retrying in the background of a long-lived caller) and raise ``MqttError``."""
         self.start()
         if not self.wait_connected(timeout):
+            self.stop()
             addr = self.settings.address
             raise MqttError(
                 f"could not connect to MQTT broker {addr.host}:{addr.port} within {timeout:.0f} s"

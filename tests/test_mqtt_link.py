@@ -7,6 +7,7 @@ import socket
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from pathlib import Path
 
@@ -250,3 +251,6 @@ def test_connect_to_nothing_raises_mqtt_error(links):
     links.append(nowhere)
     with pytest.raises(MqttError, match="could not connect"):
         nowhere.connect(timeout=1.0)
+    # Nothing keeps retrying behind the caller's back (an API request, a Celery task).
+    assert not nowhere._started
+    assert not any(t.name.startswith("paho-mqtt-client-lonely") for t in threading.enumerate())
