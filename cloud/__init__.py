@@ -1,1 +1,1 @@
-"""The cloud tier: registry, ingest, Celery training pipeline, artifact publishing."""
+"""The cloud tier: registry, ingest, learning on Celery, fleet operations, the admin API and CLI."""

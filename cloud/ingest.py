@@ -8,6 +8,7 @@ No TensorFlow: pseudo-labels come from the teacher's ``.tflite`` on LiteRT."""
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import copy
 import hashlib
@@ -23,9 +24,12 @@ from typing import Any
 from sqlalchemy.exc import DisconnectionError, IntegrityError, InterfaceError, OperationalError
 from sqlalchemy.orm import Session
 
+from cloud.errors import MalformedMessageError
 from cloud.registry import crud, fleet
-from cloud.registry.db import session_scope, upgrade
+from cloud.registry.db import lock_for_write, savepoint, session_scope, upgrade
+from shared.codec import decode_window
 from shared.errors import EdgefleetError
+from shared.mqtt import MqttLink
 from shared.schemas import (
     CommandAck,
     DeadLetter,
@@ -59,12 +63,10 @@ STORE_RETRY_MAX_S = 30.0
 CLIENT_ID = "edgefleet-cloud-ingest"
 
 
-class MalformedMessageError(EdgefleetError):
-    """A message the ingest cannot store; the reason is counted and dead-lettered."""
-
-
 @dataclass
 class IngestStats:
+    """Counters of one ingest process (``edgefleet cloud ingest`` prints them as JSON when it stops)."""
+
     received: int = 0
     stored: int = 0
     duplicates: int = 0
@@ -76,6 +78,7 @@ class IngestStats:
     labels_by_source: Counter[str] = field(default_factory=Counter)
 
     def as_dict(self) -> dict[str, Any]:
+        """The counters as a JSON-able dict."""
         return {
             "received": self.received,
             "stored": self.stored,
@@ -122,7 +125,7 @@ class Teacher:
                         break
         runtime = None
         if teacher is not None:
-            from cloud.evaluation import LiteRTModel  # noqa: PLC0415
+            from cloud.learning.evaluation import LiteRTModel  # noqa: PLC0415  (numpy, LiteRT: only with a teacher)
 
             path, norm, names = teacher
             runtime = (LiteRTModel(Path(path).read_bytes(), num_threads=1), norm, names)
@@ -136,10 +139,9 @@ class Teacher:
         runtime = self._load(model_name)
         if runtime is None:
             return None
-        import numpy as np  # noqa: PLC0415
+        import numpy as np  # noqa: PLC0415  (numpy: only to pseudo-label a window)
 
-        from cloud.datasets import normalize  # noqa: PLC0415
-        from shared.codec import decode_window  # noqa: PLC0415
+        from cloud.learning.datasets import normalize  # noqa: PLC0415  (numpy: only to pseudo-label a window)
 
         model, norm, names = runtime
         values = np.asarray(decode_window(window).values, dtype=np.float32)
@@ -163,8 +165,6 @@ class Ingest:
     ) -> None:
         """``share_group``: several ingest processes split the uplink with an MQTT shared subscription
         (each needs its own ``client_id``)."""
-        from shared.mqtt import MqttLink  # noqa: PLC0415
-
         self.settings = settings
         self.topics = settings.broker.topics
         self.url = settings.resolved_database_url
@@ -189,6 +189,7 @@ class Ingest:
             )
 
     def close(self) -> None:
+        """Disconnect from the broker; messages not yet acknowledged come again in the next session."""
         self.link.stop()
 
     def run(self, *, max_messages: int | None = None, idle_exit_s: float | None = None) -> IngestStats:
@@ -248,17 +249,13 @@ class Ingest:
         """One transaction for the batch, a savepoint per message."""
         seen: set[str] = set()
         with session_scope(self.url) as session:
-            if session.get_bind().dialect.name == "sqlite":
-                # Take SQLite's write lock up front (waiting up to busy_timeout for it). The first
-                # savepoint would otherwise open a deferred transaction that reads (dedup lookups)
-                # before it writes; if any other connection commits in between, SQLite refuses the
-                # upgrade to a write at once with "database is locked" (SQLITE_BUSY_SNAPSHOT, no
-                # busy wait), and the batch went into the retry backoff behind the rollout tick.
-                session.connection().exec_driver_sql("BEGIN IMMEDIATE")
+            # The first savepoint would otherwise open a deferred transaction that reads (dedup
+            # lookups) before it writes, and a refused upgrade sent the batch into the retry backoff.
+            lock_for_write(session)
             for message in batch:
                 self.stats.received += 1
                 try:
-                    with session.begin_nested():
+                    with savepoint(session):
                         self._store(session, message.topic, message.payload, seen)
                 except IntegrityError:
                     # Stored meanwhile by another ingest process (shared subscription redelivery).
@@ -273,7 +270,7 @@ class Ingest:
         self.stats.malformed += 1
         self.stats.malformed_by_reason[kind] += 1
         logger.warning("malformed uplink message on %s dead-lettered: %s", topic, reason)
-        with session.begin_nested():
+        with savepoint(session):
             crud.add_dead_letter(
                 session, source="ingest", topic=topic[:512], reason=reason[:2000], payload=payload
             )
@@ -436,8 +433,6 @@ class Ingest:
         )
 
     def _on_dead(self, session: Session, msg: DeadLetter) -> None:
-        import base64  # noqa: PLC0415
-
         crud.add_dead_letter(
             session,
             source=msg.edge_id,

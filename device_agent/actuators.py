@@ -28,6 +28,8 @@ LOG_ACTIONS: Final[dict[str, tuple[str, str]]] = {
 
 
 class Actuator(ABC):
+    """What an ``actuate`` command drives; keeps the last state of each target."""
+
     name = ""
 
     def __init__(self, states: Mapping[str, str] | None = None) -> None:
@@ -43,6 +45,8 @@ A = TypeVar("A", bound=type[Actuator])
 
 
 def register_actuator(name: str) -> Callable[[A], A]:
+    """Class decorator: make an actuator available under ``name`` in the settings."""
+
     def decorate(cls: A) -> A:
         cls.name = name
         ACTUATORS[name] = cls
@@ -52,6 +56,7 @@ def register_actuator(name: str) -> Callable[[A], A]:
 
 
 def create_actuator(name: str, states: Mapping[str, str] | None = None) -> Actuator:
+    """The actuator registered as ``name``, with its targets' last known states."""
     cls = ACTUATORS.get(name)
     if cls is None:
         raise AgentError(f"unknown actuator {name!r}; available: {', '.join(sorted(ACTUATORS))}")
@@ -66,6 +71,7 @@ class LogActuator(Actuator):
     """
 
     def actuate(self, args: Mapping[str, Any]) -> tuple[str, str]:
+        """Log the action and record the target's new state."""
         action = args.get("action")
         if not isinstance(action, str):
             raise CommandError("actuate needs args.action (a string)")

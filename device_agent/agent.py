@@ -4,8 +4,9 @@ Threads (each owns its state; they meet only under ``_lock`` for sensor/config c
 
 - **pump**: samples on a monotonic clock, cuts windows, commits them to the outbox, publishes in
   sequence order with at most ``max_in_flight`` unacknowledged, removes PUBACKed windows,
-  publishes the heartbeat. It sleeps on the link's PUBACK queue until the next window is due,
-  so an ack (or a ``WAKE`` put there by the command thread) wakes it at once.
+  publishes the heartbeat. It sleeps on its completion queue until the next window is due: the
+  link puts each acknowledged window's ``PublishHandle`` there (``publish(..., on_done=...)``), the
+  command thread and ``stop`` put ``WAKE``, and either wakes it at once.
 - **commands**: ``CommandProcessor`` on the link's inbox.
 - paho's network thread (inside ``MqttLink``) only hands messages to those queues.
 
@@ -39,14 +40,14 @@ from device_agent.state import DataDirLock, db_path
 from shared import __version__
 from shared.codec import encode_window
 from shared.errors import CodecError, EdgefleetError, SchemaError
-from shared.mqtt import MqttLink, Publication, Received
+from shared.mqtt import MqttLink, Publication, PublishHandle, Received
 from shared.schemas import DeviceDesired, DeviceStatus, Heartbeat, OnlineState, decode_message, encode_message
 from shared.settings import AgentSettings
 from shared.settings.agent import RUNTIME_SETTINGS
 
 logger = logging.getLogger(__name__)
 
-WAKE: Final = 0  # never a real message id: put on the ack queue to wake the pump
+WAKE: Final = None  # put on the completion queue to wake the pump
 FLUSH_TIMEOUT_S: Final = 3.0  # on shutdown, wait this long for in-flight windows to be acked
 CATCHUP_MAX_S: Final = 60.0  # after a longer stall, samples older than this are skipped (counted)
 EXPIRE_INTERVAL_S: Final = 30.0
@@ -88,10 +89,11 @@ class Agent:
         self.clock = SampleClock(settings.rate_hz)
         self.windower = Windower(settings.window, settings.effective_hop)
 
-        self._in_flight: dict[int, int] = {}  # paho mid -> seq
+        self._in_flight: dict[PublishHandle, int] = {}  # -> seq
+        # Acknowledged window publishes (from the link) and WAKE (from other threads), for the pump.
+        self._completions: queue.SimpleQueue[PublishHandle | None] = queue.SimpleQueue()
         self._sent_upto = -1  # highest seq handed to paho in this process
         self._acked_seqs: list[int] = []
-        self._unrouted_mids: set[int] = set()
         self._retry_seqs: set[int] = set()  # accepted by the broker, routed to nobody: send again
         self._retry_at = 0.0
         self.unrouted_windows = 0
@@ -123,7 +125,6 @@ class Agent:
                 clean_session=False,
                 will=Publication(status, encode_message(will), qos=1, retain=True),
                 birth=self._birth(),
-                track_acks=True,
                 mqtt5=s.hold_unrouted,
             )
             self.commands = CommandProcessor(
@@ -183,8 +184,8 @@ class Agent:
     def stop(self) -> None:
         """Ask the agent to stop (safe from signal handlers and other threads)."""
         self._stop.set()
+        self._completions.put(WAKE)
         if self.link is not None:
-            self.link.acked.put(WAKE)
             self.link.inbox.put(Received("", b"", 0, False))
 
     def shutdown(self) -> None:
@@ -257,7 +258,6 @@ class Agent:
 
     def _wait(self) -> None:
         """Sleep until the next window is due, the heartbeat is due, or an ack / wake arrives."""
-        assert self.link is not None
         now = time.monotonic()
         with self._lock:
             if self.sensor is not None and self.sensor.self_paced:
@@ -267,39 +267,31 @@ class Agent:
         deadline = min(due, self._next_heartbeat, self._next_expire)
         timeout = max(0.0, deadline - now)
         try:
-            mid = self.link.acked.get(timeout=timeout)
+            handle = self._completions.get(timeout=timeout)
         except queue.Empty:
             return
-        if mid != WAKE:
-            self._on_ack(mid)
+        if handle is not WAKE:
+            self._on_ack(handle)
 
     def _collect_acks(self) -> list[int]:
-        assert self.link is not None
         acked: list[int] = []
         while True:
             try:
-                mid = self.link.acked.get_nowait()
+                handle = self._completions.get_nowait()
             except queue.Empty:
                 break
-            if mid != WAKE:
-                self._on_ack(mid)
+            if handle is not WAKE:
+                self._on_ack(handle)
         acked.extend(self._acked_seqs)
         self._acked_seqs.clear()
         return acked
 
-    def _on_ack(self, mid: int) -> None:
-        assert self.link is not None
-        while True:  # the link puts a mid here before it puts it on ``acked``
-            try:
-                self._unrouted_mids.add(self.link.not_routed.get_nowait())
-            except queue.Empty:
-                break
-        seq = self._in_flight.pop(mid, None)
+    def _on_ack(self, handle: PublishHandle) -> None:
+        seq = self._in_flight.pop(handle, None)
         if seq is None:
             return
-        if mid in self._unrouted_mids:
+        if handle.not_routed:
             # The broker took it but no subscription matched: nobody has it. It stays in the outbox.
-            self._unrouted_mids.discard(mid)
             self._retry_seqs.add(seq)
             self._retry_at = time.monotonic() + UNROUTED_RETRY_S
             self.unrouted_windows += 1
@@ -320,22 +312,26 @@ class Agent:
                 if payload is None:
                     continue  # expired or evicted meanwhile (the outbox counted it)
                 try:
-                    mid = self.link.publish(self.telemetry_topic, payload, qos=1)
+                    handle = self._publish_window(payload)
                 except EdgefleetError as exc:
                     logger.warning("publish of window %d failed, will retry: %s", seq, exc)
                     self._retry_seqs.add(seq)
                     return
-                self._in_flight[mid] = seq
+                self._in_flight[handle] = seq
                 free -= 1
         for seq, payload in self.outbox.pending_after(self._sent_upto, free):
             try:
-                mid = self.link.publish(self.telemetry_topic, payload, qos=1)
+                handle = self._publish_window(payload)
             except EdgefleetError as exc:
                 logger.warning("publish of window %d failed, will retry: %s", seq, exc)
                 return
-            self._in_flight[mid] = seq
+            self._in_flight[handle] = seq
             self._sent_upto = seq
             self.published_windows += 1
+
+    def _publish_window(self, payload: bytes) -> PublishHandle:
+        assert self.link is not None
+        return self.link.publish(self.telemetry_topic, payload, qos=1, on_done=self._completions.put)
 
     def _flush(self) -> None:
         """On shutdown: give in-flight windows a moment to be acked so they leave the outbox."""
@@ -344,11 +340,11 @@ class Agent:
         deadline = time.monotonic() + FLUSH_TIMEOUT_S
         while self._in_flight and self.link.connected and time.monotonic() < deadline:
             try:
-                mid = self.link.acked.get(timeout=max(0.0, deadline - time.monotonic()))
+                handle = self._completions.get(timeout=max(0.0, deadline - time.monotonic()))
             except queue.Empty:
                 break
-            if mid != WAKE:
-                self._on_ack(mid)
+            if handle is not WAKE:
+                self._on_ack(handle)
         self.outbox.commit(acked=self._collect_acks())
         if self._in_flight:
             logger.info(
@@ -483,6 +479,7 @@ class Agent:
         self._announce()
 
     def heartbeat(self) -> Heartbeat:
+        """The heartbeat as of now (publish rate measured since the previous one)."""
         assert self.outbox is not None
         s = self.settings
         now = time.monotonic()
@@ -517,10 +514,10 @@ class Agent:
 
     # -- AgentControl (called from the command thread) -------------------------------------------
     def _wake(self) -> None:
-        if self.link is not None:
-            self.link.acked.put(WAKE)
+        self._completions.put(WAKE)
 
     def ping(self) -> dict[str, JsonValue]:
+        """Answer a ``ping`` command: uptime, outbox and sensor state."""
         s = self.settings
         outbox = self.outbox
         return {
@@ -537,6 +534,7 @@ class Agent:
         }
 
     def set_config(self, changes: Mapping[str, Any]) -> dict[str, JsonValue]:
+        """Apply runtime settings from a command or a desired config; ``CommandError`` if refused."""
         fields = AgentSettings.model_fields
         unknown = sorted(k for k in changes if k not in fields)
         if unknown:
@@ -618,18 +616,21 @@ class Agent:
             self.link.publish(birth.topic, birth.payload, qos=birth.qos, retain=birth.retain)
 
     def inject_fault(self, fault: str, severity: float) -> dict[str, JsonValue]:
+        """Make the sensor simulate ``fault`` at ``severity`` (simulated sensors only)."""
         with self._lock:
             assert self.sensor is not None
             self.sensor.inject_fault(fault, severity)
         return {"fault": fault, "severity": severity}
 
     def clear_fault(self) -> dict[str, JsonValue]:
+        """Make the sensor normal again."""
         with self._lock:
             assert self.sensor is not None
             self.sensor.clear_fault()
         return {"fault": None}
 
     def restart_sensor(self) -> dict[str, JsonValue]:
+        """Restart the sensor from a fresh state, with a new sample clock and window."""
         with self._lock:
             assert self.sensor is not None
             try:

@@ -14,9 +14,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -27,8 +25,9 @@ from typing import Any, Final
 import click
 
 from shared.codec import decode_window
-from shared.errors import CodecError
+from shared.errors import BrokerError, CodecError
 from shared.mqtt import MqttLink
+from shared.private_broker import PrivateMosquitto
 from shared.settings import MqttSettings
 from shared.topics import Topics
 
@@ -40,21 +39,6 @@ WARMUP_S: Final = 3.0
 START_TIMEOUT_S: Final = 30.0
 _TICK: Final = os.sysconf("SC_CLK_TCK")
 FLOOR_IMPORTS: Final = "import click, yaml, sqlite3, paho.mqtt.client, pydantic, pydantic_settings"
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def _wait_port(port: int, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=0.2):
-            return
-        time.sleep(0.05)
-    raise click.ClickException(f"private mosquitto did not listen on port {port}")
 
 
 def _cpu_seconds(pid: int) -> float:
@@ -87,38 +71,6 @@ def _floor_rss_mb() -> float:
     code = f"{FLOOR_IMPORTS}\nprint(int(open('/proc/self/statm').read().split()[1]) * {page})"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60)
     return int(out.stdout.strip()) / 1e6
-
-
-class _Broker:
-    def __init__(self, workdir: Path) -> None:
-        binary = shutil.which("mosquitto") or (
-            "/usr/sbin/mosquitto" if Path("/usr/sbin/mosquitto").exists() else None
-        )
-        if binary is None:
-            raise click.ClickException(
-                "mosquitto is not installed: install it or pass --broker mqtt://HOST:PORT"
-            )
-        self.port = _free_port()
-        conf = workdir / "mosquitto.conf"
-        conf.write_text(
-            f"listener {self.port} 127.0.0.1\nallow_anonymous true\nset_tcp_nodelay true\npersistence false\n"
-        )
-        self._log = (workdir / "mosquitto.log").open("ab")
-        self.proc = subprocess.Popen([binary, "-c", str(conf)], stdout=self._log, stderr=self._log)
-        _wait_port(self.port)
-
-    @property
-    def url(self) -> str:
-        return f"mqtt://127.0.0.1:{self.port}"
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-        self._log.close()
 
 
 class _Counter:
@@ -208,13 +160,15 @@ def bench_agent(seconds: float, broker: str | None, as_json: bool) -> None:
     """Device agent CPU and RSS at 100 Hz x 3 axes, 1 s windows, against a real broker."""
     with tempfile.TemporaryDirectory(prefix="ef-bench-agent-") as tmp:
         workdir = Path(tmp)
-        own = None if broker else _Broker(workdir)
-        try:
-            url = broker if broker is not None else own.url if own is not None else ""
+        with contextlib.ExitStack() as stack:
+            if broker is None:
+                try:
+                    url = stack.enter_context(PrivateMosquitto(workdir)).url
+                except BrokerError as exc:
+                    raise click.ClickException(f"{exc}\nor pass --broker mqtt://HOST:PORT") from exc
+            else:
+                url = broker
             result = _measure(url, seconds, workdir)
-        finally:
-            if own is not None:
-                own.stop()
     result["broker"] = "private mosquitto" if broker is None else broker
     result["targets"] = {
         "cpu_core_fraction": TARGET_CPU,

@@ -41,11 +41,20 @@ _ID_RE: Final = re.compile(ID_PATTERN)
 class AgentControl(Protocol):
     """What commands may do to the running agent (implemented by ``Agent``)."""
 
-    def ping(self) -> dict[str, JsonValue]: ...
-    def set_config(self, changes: Mapping[str, Any]) -> dict[str, JsonValue]: ...
-    def inject_fault(self, fault: str, severity: float) -> dict[str, JsonValue]: ...
-    def clear_fault(self) -> dict[str, JsonValue]: ...
-    def restart_sensor(self) -> dict[str, JsonValue]: ...
+    def ping(self) -> dict[str, JsonValue]:
+        """Answer a ``ping``."""
+
+    def set_config(self, changes: Mapping[str, Any]) -> dict[str, JsonValue]:
+        """Change runtime settings."""
+
+    def inject_fault(self, fault: str, severity: float) -> dict[str, JsonValue]:
+        """Make the sensor simulate a fault."""
+
+    def clear_fault(self) -> dict[str, JsonValue]:
+        """Make the sensor normal again."""
+
+    def restart_sensor(self) -> dict[str, JsonValue]:
+        """Restart the sensor."""
 
 
 class _Args(BaseModel):
@@ -53,24 +62,32 @@ class _Args(BaseModel):
 
 
 class NoArgs(_Args):
-    pass
+    """Arguments of a command that takes none."""
 
 
 class SetRateArgs(_Args):
+    """Arguments of ``set_rate``."""
+
     rate_hz: float
 
 
 class SetWindowArgs(_Args):
+    """Arguments of ``set_window``."""
+
     window: int
     hop: int | None = None
 
 
 class InjectFaultArgs(_Args):
+    """Arguments of ``inject_fault``."""
+
     fault: str
     severity: float = Field(default=1.0, gt=0, le=1)
 
 
 class CommandStats:
+    """Counts of commands received, executed, duplicated, expired, rejected, failed and unackable."""
+
     def __init__(self) -> None:
         self.received = 0
         self.executed = 0
@@ -81,6 +98,7 @@ class CommandStats:
         self.unackable = 0
 
     def as_dict(self) -> dict[str, int]:
+        """The counts by name."""
         return dict(vars(self))
 
 
@@ -125,9 +143,11 @@ class CommandProcessor:
 
     # -- thread ---------------------------------------------------------------------------------
     def open(self) -> None:
+        """Open the command state database (executed ids, actuator states)."""
         self.conn = connect(self.db_path)
 
     def load_actuator_states(self) -> dict[str, str]:
+        """The actuator states saved by earlier runs."""
         assert self.conn is not None
         return dict(self.conn.execute("SELECT target, state FROM actuators").fetchall())
 
@@ -155,6 +175,7 @@ class CommandProcessor:
             self.close()
 
     def close(self) -> None:
+        """Close the command state database."""
         if self.conn is not None:
             self.conn.close()
             self.conn = None

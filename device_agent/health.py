@@ -24,6 +24,7 @@ def rss_bytes(pid: int | None = None) -> int:
 
 
 def cpu_seconds() -> float:
+    """CPU time (user + system) this process has used, in seconds."""
     times = os.times()
     return times.user + times.system
 
@@ -36,6 +37,7 @@ class CpuMeter:
         self._at = time.monotonic()
 
     def sample(self) -> float:
+        """The fraction of one core used since the previous sample."""
         cpu, at = cpu_seconds(), time.monotonic()
         wall = at - self._at
         fraction = (cpu - self._cpu) / wall if wall > 0 else 0.0

@@ -30,6 +30,8 @@ _EXPIRED_DELETE: Final = "DELETE " + _EXPIRED
 
 
 class Outbox:
+    """Windows kept on disk (SQLite) from creation until the broker acknowledged them."""
+
     def __init__(self, path: Path, *, max_windows: int, max_age_s: float) -> None:
         self.path = path
         self.max_windows = max_windows
@@ -67,6 +69,7 @@ class Outbox:
 
     @property
     def dropped(self) -> int:
+        """Windows dropped on the device so far, all reasons together."""
         return sum(self.drops.values())
 
     def commit(

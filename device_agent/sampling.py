@@ -23,6 +23,7 @@ class SampleClock:
         self.taken = 0
 
     def due(self, now: float | None = None) -> int:
+        """How many samples are due by ``now`` and not taken yet."""
         elapsed = (time.monotonic() if now is None else now) - self.t0
         return max(0, math.floor(elapsed * self.rate_hz) + 1 - self.taken)
 
@@ -31,9 +32,11 @@ class SampleClock:
         return self.t0 + index / self.rate_hz
 
     def epoch_of(self, index: int) -> float:
+        """Wall-clock time of sample ``index``."""
         return self.epoch0 + index / self.rate_hz
 
     def skip(self, count: int) -> None:
+        """Count ``count`` samples as taken without reading them (a gap)."""
         self.taken += count
 
 
@@ -51,6 +54,7 @@ class Windower:
         return self._skip + self.window - len(self._buf)
 
     def feed(self, rows: Sequence[Row]) -> list[list[Row]]:
+        """Add rows; return every window they complete."""
         if self._skip:
             dropped = min(self._skip, len(rows))
             rows = rows[dropped:]
@@ -69,5 +73,6 @@ class Windower:
         return out
 
     def reset(self) -> None:
+        """Forget the partial window (after a gap or a settings change)."""
         self._buf.clear()
         self._skip = 0

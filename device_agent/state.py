@@ -37,6 +37,7 @@ CREATE TABLE IF NOT EXISTS actuators (target TEXT PRIMARY KEY, state TEXT NOT NU
 
 
 def db_path(data_dir: Path, device_id: str) -> Path:
+    """The SQLite file of one device's state under ``data_dir``."""
     return data_dir / f"{device_id}.sqlite"
 
 
@@ -60,6 +61,7 @@ def connect(path: Path) -> sqlite3.Connection:
 
 @contextlib.contextmanager
 def transaction(conn: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
+    """Run a block in one ``BEGIN IMMEDIATE`` transaction: committed, or rolled back on error."""
     conn.execute("BEGIN IMMEDIATE")
     try:
         yield conn
@@ -77,6 +79,7 @@ class DataDirLock:
         self._handle: IO[bytes] | None = None
 
     def acquire(self) -> None:
+        """Take the lock; ``AgentError`` if another agent holds it."""
         import fcntl  # noqa: PLC0415  (POSIX only; devices run Linux)
 
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -91,12 +94,14 @@ class DataDirLock:
         self._handle = handle
 
     def release(self) -> None:
+        """Release the lock."""
         if self._handle is not None:
             self._handle.close()
             self._handle = None
 
 
 def boot_id() -> str | None:
+    """The kernel's id of this boot (Linux), or ``None`` where it cannot be read."""
     try:
         return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
     except OSError:

@@ -18,13 +18,12 @@ Each subscriber runs in its own process so that none shares a GIL with the publi
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import itertools
 import json
 import os
 import shutil
 import signal
-import socket
-import struct
 import subprocess
 import sys
 import tempfile
@@ -39,8 +38,9 @@ import click
 import numpy as np
 
 from edge_node import modelgen
-from shared.codec import encode_window
+from shared.codec import encode_window, with_ts
 from shared.mqtt import MqttLink
+from shared.private_broker import MosquittoOptions, PrivateMosquitto, free_port
 from shared.schemas import Command, Decision, EdgeMetrics, decode_message
 from shared.settings import MqttSettings
 from shared.topics import DeviceTopic, EdgeTopic, Topics
@@ -52,8 +52,6 @@ LATENCY_RATE_HZ: Final = 1000.0
 BROKER_MAX_INFLIGHT: Final = 256
 EDGE_ID: Final = "bench-edge"
 START_TIMEOUT_S: Final = 120.0
-_TS = struct.Struct("<d")
-_TS_OFFSET: Final = 20  # of the window's ts in the codec header, re-stamped at send time
 
 # The subscriber process of the raw and naive phases (run with ``python -c``).
 _SUBSCRIBER = r"""
@@ -111,41 +109,25 @@ if mode != "subscribe":
 """
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+# The edge bench's broker: flow control by in-flight messages (see BROKER_MAX_INFLIGHT), nothing
+# queued beyond them, errors only in its log.
+def broker_options(max_inflight: int = BROKER_MAX_INFLIGHT) -> MosquittoOptions:
+    """The private mosquitto's settings for edge benchmarks (also used by ``edgefleet bench rollout``)."""
+    return MosquittoOptions(
+        max_inflight_messages=max_inflight, max_queued_messages=0, max_queued_bytes=0, log_types=("error",)
+    )
 
 
 @contextlib.contextmanager
 def private_mosquitto(workdir: Path, max_inflight: int = BROKER_MAX_INFLIGHT) -> Iterator[int]:
-    binary = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
-    port = _free_port()
-    conf = workdir / "mosquitto.conf"
-    conf.write_text(
-        f"listener {port} 127.0.0.1\nallow_anonymous true\nset_tcp_nodelay true\npersistence false\n"
-        f"max_inflight_messages {max_inflight}\nmax_queued_messages 0\nmax_queued_bytes 0\n"
-        "log_type error\n"
-    )
-    with (workdir / "mosquitto.log").open("ab") as log:
-        proc = subprocess.Popen([binary, "-c", str(conf)], stdout=log, stderr=log)
-    try:
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=0.2):
-                break
-            time.sleep(0.02)
-        yield port
-    finally:
-        proc.terminate()
-        proc.wait(10)
+    """A private mosquitto with the edge bench's settings; yields its port."""
+    with PrivateMosquitto(workdir, broker_options(max_inflight)) as broker:
+        yield broker.port
 
 
 def ensure_models() -> dict[str, Path]:
     """The bench models, built once (TensorFlow in a subprocess) and cached in the temp dir."""
     source = Path(modelgen.__file__).read_bytes()
-    import hashlib  # noqa: PLC0415
-
     cache = Path(tempfile.gettempdir()) / f"edgefleet-test-models-{hashlib.sha256(source).hexdigest()[:12]}"
     if not (cache / "models.json").exists():
         work = Path(tempfile.mkdtemp(prefix="edgefleet-models-"))
@@ -193,17 +175,14 @@ def _publish_all(port: int, payloads: list[tuple[str, bytes]]) -> None:
     link = MqttLink(
         MqttSettings(url=f"mqtt://127.0.0.1:{port}", max_inflight=1000),
         client_id="bench-pub",
-        track_acks=True,
     )
     link.connect()
     try:
-        for topic, payload in payloads:
-            link.publish(topic, payload, qos=1)
-        acked = 0
+        handles = [link.publish(topic, payload, qos=1) for topic, payload in payloads]
         deadline = time.monotonic() + 300
-        while acked < len(payloads) and time.monotonic() < deadline:
-            link.acked.get(timeout=60)
-            acked += 1
+        for handle in handles:  # all queued on the broker before the subscriber comes back
+            if not handle.wait(max(0.0, deadline - time.monotonic())):
+                break
     finally:
         link.stop()
 
@@ -256,7 +235,7 @@ class EdgeProcess:
         share_group: str | None = None,
         overrides: dict[str, Any] | None = None,
     ) -> None:
-        metrics_port = _free_port()
+        metrics_port = free_port()
         config: dict[str, Any] = {
             "edge_id": edge_id,
             "share_group": share_group,
@@ -282,10 +261,12 @@ class EdgeProcess:
         self.peak_rss = 0
 
     def start(self) -> None:
+        """Launch the edge and wait until its metrics endpoint answers."""
         self.launch()
         self.wait_ready()
 
     def launch(self) -> None:
+        """Start ``edgefleet edge run`` with this config, its output to the log file."""
         log = self.log.open("ab")
         with log:
             self.proc = subprocess.Popen(
@@ -305,6 +286,7 @@ class EdgeProcess:
             )
 
     def wait_ready(self) -> None:
+        """Wait until the edge's metrics endpoint answers; ``ClickException`` after the timeout."""
         deadline = time.monotonic() + START_TIMEOUT_S
         while time.monotonic() < deadline:
             if self.scrape().get("edge_windows_total") is not None:
@@ -313,6 +295,7 @@ class EdgeProcess:
         raise click.ClickException(f"the edge process did not come up; see {self.log}")
 
     def scrape(self) -> dict[str, float]:
+        """The edge's Prometheus metrics by name ({} when it does not answer); samples RSS too."""
         try:
             with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=2) as resp:
                 text = resp.read().decode()
@@ -327,13 +310,15 @@ class EdgeProcess:
         return values
 
     def sample_rss(self) -> None:
-        import psutil  # noqa: PLC0415
+        """Update the edge process's peak resident memory."""
+        import psutil  # noqa: PLC0415  (the agent extra; only RSS sampling needs it)
 
         if self.proc is not None:
             with contextlib.suppress(psutil.Error):
                 self.peak_rss = max(self.peak_rss, psutil.Process(self.proc.pid).memory_info().rss)
 
     def stop(self) -> None:
+        """Stop the edge (SIGTERM, then SIGKILL after 30 s)."""
         if self.proc is not None:
             self.proc.send_signal(signal.SIGTERM)
             try:
@@ -424,8 +409,7 @@ def _latency(workdir: Path, port: int, model: Path, seconds: float) -> tuple[dic
                 time.sleep(delay)
             device_id = topic.split("/")[-2]
             sent[(device_id, i // DEVICES)] = time.monotonic()
-            stamped = payload[:_TS_OFFSET] + _TS.pack(time.time()) + payload[_TS_OFFSET + _TS.size :]
-            device.publish(topic, stamped, qos=1)
+            device.publish(topic, with_ts(payload, time.time()), qos=1)  # stamped at send time
         time.sleep(1.0)
         commands: dict[str, float] = {}
         decisions: dict[str, tuple[str, int]] = {}

@@ -29,6 +29,7 @@ class ResultCache:
         self.misses = 0
 
     def get(self, key: bytes) -> np.ndarray | None:
+        """The cached result for a window's bytes, or ``None`` (counted as hit or miss)."""
         if not self.enabled:
             return None
         with self._lock:
@@ -41,6 +42,7 @@ class ResultCache:
             return row
 
     def put(self, key: bytes, row: np.ndarray) -> None:
+        """Remember a window's result, evicting the least recently used beyond the limit."""
         if not self.enabled:
             return
         with self._lock:
@@ -50,6 +52,7 @@ class ResultCache:
                 self._entries.popitem(last=False)
 
     def clear(self) -> None:
+        """Forget every result (a new model gives new ones)."""
         with self._lock:
             self._entries.clear()
 
@@ -58,5 +61,6 @@ class ResultCache:
 
     @property
     def hit_rate(self) -> float:
+        """Share of lookups answered from the cache."""
         total = self.hits + self.misses
         return self.hits / total if total else 0.0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import sys
 from pathlib import Path
@@ -10,8 +11,12 @@ from types import FrameType
 from typing import Any
 
 import click
+import yaml
+from pydantic import ValidationError
 
-from shared.settings import EdgeSettings, load_settings
+from shared.bridge import mosquitto_bridge_config
+from shared.errors import ConfigError
+from shared.settings import EdgeSettings, MqttSettings, load_settings
 
 logger = logging.getLogger(__name__)
 
@@ -95,8 +100,6 @@ def run(
 
 def _merge_load(config_file: Path | None, overrides: dict[str, Any]) -> EdgeSettings:
     """Options override the file field by field: nested sections are merged, not replaced."""
-    import yaml  # noqa: PLC0415
-
     base: dict[str, Any] = {}
     if config_file is not None and config_file.is_file():
         loaded = yaml.safe_load(config_file.read_text()) or {}
@@ -152,14 +155,6 @@ def bridge_config(
 ) -> None:
     """Print the mosquitto bridge for a site broker: device cmd/desired down from the cloud broker,
     ack/status up (docs/operations.md, "Split brokers")."""
-    import os  # noqa: PLC0415
-
-    from pydantic import ValidationError  # noqa: PLC0415
-
-    from shared.bridge import mosquitto_bridge_config  # noqa: PLC0415
-    from shared.errors import ConfigError  # noqa: PLC0415
-    from shared.settings import MqttSettings  # noqa: PLC0415
-
     fields: dict[str, Any] = {"url": cloud_broker, "username": username}
     fields.update(tls_ca=tls_ca, tls_cert=tls_cert, tls_key=tls_key)
     if password := os.environ.get("EDGEFLEET_BRIDGE_PASSWORD"):

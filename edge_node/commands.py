@@ -25,6 +25,8 @@ ACK_GRACE_S: Final = 5.0  # after a command's expiry, before it counts as never 
 
 @dataclass(slots=True)
 class CommandRecord:
+    """A command sent by a rule, and its ack once it came."""
+
     command: Command
     rule: str
     sent_at: float
@@ -33,6 +35,7 @@ class CommandRecord:
 
     @property
     def ack_latency_s(self) -> float | None:
+        """Seconds from sending the command to its ack, once acked."""
         return None if self.acked_at is None else self.acked_at - self.sent_at
 
 
@@ -55,6 +58,7 @@ class CommandTracker:
     def send(
         self, device_id: str, name: CommandName, args: dict[str, JsonValue], ttl_s: float, rule: str
     ) -> Command:
+        """Publish a new command to a device and track it until acked or expired."""
         command = Command.create(device_id=device_id, name=name, args=args, ttl_s=ttl_s, sender=self.sender)
         record = CommandRecord(command, rule, time.monotonic())
         with self._lock:
@@ -67,6 +71,7 @@ class CommandTracker:
         return command
 
     def on_ack(self, payload: bytes) -> CommandRecord | None:
+        """Match a device's ack to its command; ``None`` for a malformed or unknown ack (counted)."""
         try:
             ack = decode_message(payload, CommandAck)
         except SchemaError as exc:
@@ -102,4 +107,5 @@ class CommandTracker:
 
     @property
     def pending(self) -> int:
+        """Commands sent and neither acked nor expired yet."""
         return len(self._pending)

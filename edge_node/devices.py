@@ -65,6 +65,7 @@ class DeviceTracker:
         return None
 
     def on_message(self, topic: str, payload: bytes) -> None:
+        """Note a device's status or heartbeat from the site broker."""
         kind = self.handles(topic)
         if kind is None or not payload:  # an empty payload clears a retained status: nothing to note
             return
@@ -148,6 +149,7 @@ class DeviceTracker:
         return len(self._devices)
 
     def snapshot(self) -> list[DeviceSeen]:
+        """Every device known, sorted by id."""
         with self._lock:
             return [self._devices[d] for d in sorted(self._devices)]
 

@@ -41,6 +41,7 @@ class ActiveModel:
 
     @property
     def version(self) -> str:
+        """The active model's version."""
         return self.manifest.version
 
 
@@ -53,6 +54,7 @@ class ModelHolder:
         self.swapped = threading.Condition()
 
     def swap(self, model: ActiveModel) -> ActiveModel | None:
+        """Make ``model`` the active one (atomically for the workers); return the previous one."""
         with self.swapped:
             old, self.current = self.current, model
             self.swaps += 1
@@ -62,6 +64,8 @@ class ModelHolder:
 
 @dataclass(slots=True)
 class BatchResult:
+    """One batch's windows with their class probabilities, the model that gave them and its time."""
+
     items: list[WindowItem]
     probs: np.ndarray  # (n, classes) float32, rows may be non-finite if the model misbehaves
     model: ActiveModel
@@ -109,6 +113,7 @@ class InferenceWorkers:
         self._take = threading.Lock()
 
     def start(self) -> None:
+        """Start one inference thread per configured worker."""
         for index in range(self.settings.workers):
             thread = threading.Thread(
                 target=self._run, args=(index,), name=f"edge-infer-{index}", daemon=True
@@ -192,6 +197,7 @@ class InferenceWorkers:
             self.deliver(result)
 
     def run_batch(self, model: ActiveModel, index: int, batch: list[WindowItem]) -> BatchResult:
+        """Classify a batch with worker ``index``'s interpreter (cache first)."""
         runner = model.runners[index]
         version = model.version
         n = len(batch)

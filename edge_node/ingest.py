@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import base64
 import logging
-import math
 import threading
 import time
 from collections import Counter, OrderedDict, deque
@@ -18,10 +17,10 @@ from typing import Any, Final
 
 import numpy as np
 
-from shared.codec import DEFAULT_MAX_PAYLOAD, DTYPE_FLOAT32, DTYPE_INT16, FLAG_LABEL, HEADER, decode_window
+from shared.codec import WindowDecoder, WindowView
 from shared.errors import CodecError, TopicError
 from shared.mqtt import Received
-from shared.schemas import DeadLetter, TelemetryWindow, encode_message
+from shared.schemas import DeadLetter, encode_message
 from shared.topics import DeviceTopic, Topics
 
 logger = logging.getLogger(__name__)
@@ -29,95 +28,8 @@ logger = logging.getLogger(__name__)
 DEAD_LETTER_PAYLOAD_MAX: Final = 4096
 # A seq this far below a device's newest means the device restarted its count (wiped state): accept.
 SEQ_RESET_GAP: Final = 1_000_000
-# TelemetryWindow.sample_rate_hz's bound; beyond it the codec itself decides.
-MAX_SAMPLE_RATE_HZ: Final = 1_000_000.0
-DEAD_LETTERS_PUBLISHED_PER_S: Final = (
-    50  # beyond this they are only counted (a flood must not flood the cloud)
-)
-
-
-@dataclass(frozen=True, slots=True)
-class WindowView:
-    """A decoded window: the fields of ``TelemetryWindow`` without a pydantic object per message."""
-
-    device_id: str
-    seq: int
-    ts: float
-    sample_rate_hz: float
-    channels: tuple[str, ...]
-    values: np.ndarray
-    label: str | None
-
-    @classmethod
-    def of(cls, window: TelemetryWindow) -> WindowView:
-        return cls(
-            window.device_id,
-            window.seq,
-            window.ts,
-            window.sample_rate_hz,
-            window.channels,
-            window.values,
-            window.label,
-        )
-
-
-_DESCRIPTOR_CACHE_MAX: Final = 100_000
-_MAX_SEQ: Final = 2**63
-
-
-class WindowDecoder:
-    """The shared codec with a cache of validated descriptors.
-
-    A payload's descriptor (magic, version, flags, dtype, sizes, device id, channel names, label) is
-    validated by ``shared.codec.decode_window`` the first time it is seen; later payloads with the
-    same descriptor bytes only get the per-window checks (seq, ts, rate, scale, size, finite values).
-    Any failure is handed back to ``decode_window``, so errors are exactly the codec's.
-    """
-
-    def __init__(self, max_entries: int = _DESCRIPTOR_CACHE_MAX) -> None:
-        self.max_entries = max_entries
-        self._known: dict[bytes, tuple[str, tuple[str, ...], str | None, int, np.dtype[Any]]] = {}
-
-    def decode(self, payload: bytes) -> WindowView:
-        size = len(payload)
-        if size < HEADER.size or size > DEFAULT_MAX_PAYLOAD:
-            return WindowView.of(decode_window(payload))
-        (_, _, flags, code, id_len, n_channels, n_samples, seq, ts, rate, scale) = HEADER.unpack_from(payload)
-        pos = HEADER.size + id_len
-        for _ in range(n_channels + (flags & FLAG_LABEL)):
-            if pos >= size:
-                return WindowView.of(decode_window(payload))
-            pos += 1 + payload[pos]
-        key = payload[:12] + payload[HEADER.size : pos]
-        known = self._known.get(key)
-        if known is None:
-            window = decode_window(payload)  # full validation of this descriptor
-            itemsize = 4 if code == DTYPE_FLOAT32 else 2
-            if len(self._known) >= self.max_entries:
-                self._known.clear()
-            self._known[key] = (
-                window.device_id,
-                window.channels,
-                window.label,
-                pos + n_samples * n_channels * itemsize,
-                np.dtype("<f4") if code == DTYPE_FLOAT32 else np.dtype("<i2"),
-            )
-            return WindowView.of(window)
-        device_id, channels, label, expected_size, dtype = known
-        if (
-            size != expected_size
-            or seq >= _MAX_SEQ
-            or not (ts >= 0 and math.isfinite(ts))
-            or not 0 < rate <= MAX_SAMPLE_RATE_HZ
-            or (code == DTYPE_INT16 and not (scale > 0 and math.isfinite(scale)))
-        ):
-            return WindowView.of(decode_window(payload))
-        values = np.ndarray((n_samples, n_channels), dtype=dtype, buffer=payload, offset=pos)
-        if code == DTYPE_INT16:
-            values = values.astype(np.float32) * np.float32(scale)
-        if not np.isfinite(values).all():
-            return WindowView.of(decode_window(payload))
-        return WindowView(device_id, seq, ts, rate, channels, values, label)
+DEAD_LETTERS_PUBLISHED_PER_S: Final = 50  # beyond this only counted (a flood must not flood the cloud)
+_TOPIC_CACHE_MAX: Final = 100_000
 
 
 @dataclass(slots=True)
@@ -189,6 +101,7 @@ class DeadLetters:
         self._in_second = 0
 
     def reject(self, topic: str, payload: bytes, kind: str, reason: str) -> None:
+        """Count a rejected payload under ``kind`` and publish it as a dead letter (rate limited)."""
         with self._lock:
             self.total += 1
             self.by_reason[kind] += 1
@@ -243,12 +156,13 @@ class Ingest:
             if parsed.kind is not DeviceTopic.TELEMETRY or parsed.device_id is None:
                 raise TopicError(f"{topic!r} is not a telemetry topic")
             device = parsed.device_id
-            if len(self._topic_devices) >= _DESCRIPTOR_CACHE_MAX:
+            if len(self._topic_devices) >= _TOPIC_CACHE_MAX:
                 self._topic_devices.clear()
             self._topic_devices[topic] = device
         return device
 
     def handle(self, msg: Received) -> WindowItem | None:
+        """A telemetry message as a first-seen window to classify, or ``None`` (dead-lettered or dropped)."""
         try:
             topic_device = self._device_of(msg.topic)
         except TopicError as exc:

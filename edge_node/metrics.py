@@ -37,6 +37,7 @@ class FastHistogram:
         self._lock = threading.Lock()
 
     def observe(self, values: np.ndarray | float) -> None:
+        """Add one value or an array of values."""
         arr = np.atleast_1d(np.asarray(values, dtype=np.float64))
         idx = np.searchsorted(self.bounds, arr, side="left")
         binned = np.bincount(idx, minlength=len(self.counts))
@@ -45,6 +46,7 @@ class FastHistogram:
             self.total += float(arr.sum())
 
     def family(self, name: str, doc: str) -> HistogramMetricFamily:
+        """The histogram as a Prometheus metric family."""
         with self._lock:
             cumulative = np.cumsum(self.counts)
             total = self.total
@@ -75,6 +77,7 @@ class EdgeStats:
 
 
 def percentiles(values: deque[float]) -> LatencySummary:
+    """p50, p95 and p99 of ``values`` (seconds), in milliseconds."""
     if not values:
         return LatencySummary()
     arr = np.fromiter(values, dtype=np.float64) * 1000.0
@@ -92,9 +95,11 @@ class EdgeCollector:
         self.snapshot = snapshot
 
     def describe(self) -> list[Any]:
+        """Nothing to describe up front (``auto_describe`` is off)."""
         return []
 
     def collect(self) -> Iterator[Any]:
+        """The node's metric families, built from a fresh snapshot on every scrape."""
         s = self.stats
         snap = self.snapshot()
         yield CounterMetricFamily("edge_windows", "windows classified", value=s.windows_total)
@@ -166,6 +171,7 @@ def start_endpoint(registry: CollectorRegistry, port: int, bind: str) -> Any:
 def build_metrics_message(
     edge_id: str, stats: EdgeStats, snap: dict[str, Any], interval_s: float, rate: float
 ) -> EdgeMetrics:
+    """The periodic ``EdgeMetrics`` message from the node's stats and snapshot."""
     with stats.confidence._lock:
         conf_counts = stats.confidence.counts.copy()
     hist = [int(c) for c in conf_counts[:10]]

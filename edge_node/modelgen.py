@@ -40,6 +40,7 @@ def synthetic_window(class_index: int, rng: np.random.Generator, samples: int = 
 
 
 def synthetic_dataset(n: int, seed: int, samples: int = SAMPLES) -> tuple[np.ndarray, np.ndarray]:
+    """``n`` labelled synthetic windows (x: windows, y: class indices)."""
     rng = np.random.default_rng(seed)
     y = rng.integers(0, len(CLASS_NAMES), size=n)
     x = np.stack([synthetic_window(int(c), rng, samples) for c in y])
@@ -68,7 +69,7 @@ def _build(samples: int, seed: int, *, train: bool = True) -> Any:
 
 
 def _convert(model: Any, *, int8: bool = False, samples: int = SAMPLES) -> bytes:
-    import tensorflow as tf  # noqa: PLC0415
+    import tensorflow as tf  # noqa: PLC0415  (TensorFlow only where models are built)
 
     converter = tf.lite.TFLiteConverter.from_keras_model(model)
     if int8:
@@ -115,6 +116,7 @@ def build_all(out_dir: Path) -> dict[str, str]:
 
 
 def main() -> None:
+    """``python -m edge_node.modelgen [OUT_DIR]``: build the test models, print their paths as JSON."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     out = Path(sys.argv[1]) if len(sys.argv) > 1 else Path("var/models")
     paths = build_all(out)

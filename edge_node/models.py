@@ -74,10 +74,12 @@ class ManagerState:
     manifests: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def to_json(self) -> str:
+        """The state as JSON (``models/state.json``)."""
         return json.dumps(self.__dict__, indent=2, sort_keys=True)
 
 
 def sha256_hex(content: bytes) -> str:
+    """SHA-256 of ``content`` in hex."""
     return hashlib.sha256(content).hexdigest()
 
 
@@ -321,10 +323,12 @@ class ModelManager:
 
     # -- orders from the cloud ----------------------------------------------------------------------
     def start(self) -> None:
+        """Start the thread that carries out deployment orders."""
         self._thread = threading.Thread(target=self._run, name="edge-models", daemon=True)
         self._thread.start()
 
     def stop(self) -> None:
+        """Stop the deployment thread."""
         self.stop_event.set()
         if self._thread is not None:
             self._thread.join(30)
@@ -473,6 +477,7 @@ class ModelManager:
         return model
 
     def reported(self) -> ReportedState:
+        """What this edge runs, for its status message."""
         current = self.holder.current
         last_good = self.state.manifests.get(self.state.last_good or "")
         return ReportedState(

@@ -82,7 +82,6 @@ class EdgeNode:
             clean_session=True,
             will=Publication(self._status_topic, self._status_payload(OnlineState.OFFLINE, "lwt"), 1, True),
             birth=Publication(self._status_topic, self._status_payload(OnlineState.ONLINE), 1, True),
-            track_acks=True,
         )
         self._manual_ack = settings.batching.ack_after_decision
         self.site_link = MqttLink(
@@ -204,6 +203,7 @@ class EdgeNode:
 
     # -- lifecycle ----------------------------------------------------------------------------------
     def start(self) -> None:
+        """Start every part; return once serving (or waiting for a first model)."""
         if self.settings.metrics.port:  # first: a scraper sees the very first window counted
             self._metrics_server = start_endpoint(
                 self.registry, self.settings.metrics.port, self.settings.metrics.bind
@@ -296,13 +296,15 @@ class EdgeNode:
         probe = self.topics.edge(self.edge_id, EdgeTopic.STATUS)
         payload = self._status_payload(OnlineState.OFFLINE, "shutdown")
         try:
-            self.site_link.client.publish(probe, payload, qos=1).wait_for_publish(FLUSH_S)
-        except (RuntimeError, ValueError) as exc:
-            logger.warning(
-                "PUBACKs not confirmed before disconnecting (%s): some windows may be redelivered", exc
-            )
+            confirmed = self.site_link.publish(probe, payload, qos=1).wait(FLUSH_S)
+        except MqttError as exc:
+            confirmed = False
+            logger.warning("shutdown probe not published: %s", exc)
+        if not confirmed:
+            logger.warning("PUBACKs not confirmed before disconnecting: some windows may be redelivered")
 
     def run_forever(self) -> None:
+        """Start, then serve until the stop event is set (by a signal), then stop."""
         self.start()
         try:
             while not self.stop_event.wait(1.0):
@@ -464,6 +466,7 @@ class EdgeNode:
 
     # -- introspection ------------------------------------------------------------------------------
     def snapshot(self) -> dict[str, Any]:
+        """The counters the metrics endpoint and message report, as of now."""
         now = time.monotonic()
         then, count = self._last_rate
         if now - then >= 1.0:

@@ -35,6 +35,8 @@ logger = logging.getLogger(__name__)
 
 
 class CommandSpec(BaseModel):
+    """The command a rule sends to the device when it fires."""
+
     model_config = ConfigDict(extra="forbid")
 
     name: CommandName
@@ -43,6 +45,8 @@ class CommandSpec(BaseModel):
 
 
 class RuleSpec(BaseModel):
+    """One rule: fire when ``k`` of a device's last ``n`` windows are ``class`` above ``min_probability``."""
+
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
 
     name: str = Field(min_length=1, max_length=128)
@@ -64,6 +68,8 @@ class RuleSpec(BaseModel):
 
 
 class RulesFile(BaseModel):
+    """The rules file: a list of rules."""
+
     model_config = ConfigDict(extra="forbid")
 
     rules: list[RuleSpec] = Field(default_factory=list)
@@ -91,6 +97,8 @@ def load_rules(path: Path) -> list[RuleSpec]:
 
 @dataclass(frozen=True, slots=True)
 class Firing:
+    """A rule that fired for one device's window."""
+
     rule: RuleSpec
     device_id: str
     probability: float
@@ -133,6 +141,7 @@ class RuleEngine:
     def evaluate(
         self, device_id: str, probs: list[float], seq: int, ts: float, now: float | None = None
     ) -> list[Firing]:
+        """The rules that fire for one device's window, given its class probabilities."""
         now = time.monotonic() if now is None else now
         out: list[Firing] = []
         for rule in self.rules:

@@ -44,6 +44,7 @@ class Backend:
     op_resolver_type: Any | None  # the enum to turn XNNPACK off, when the backend has one
 
     def make_interpreter(self, model_content: bytes, settings: RuntimeSettings) -> Any:
+        """A LiteRT interpreter for ``model_content`` with the configured threads and delegate."""
         kwargs: dict[str, Any] = {"model_content": model_content, "num_threads": settings.num_threads}
         if settings.delegate is not None:
             kwargs["experimental_delegates"] = [
@@ -130,13 +131,16 @@ class ModelRunner:
 
     @property
     def model_input_shape(self) -> list[int]:
+        """The model's input shape without the batch dimension."""
         return [int(d) for d in self._in["shape"][1:]]
 
     @property
     def model_output_shape(self) -> list[int]:
+        """The model's output shape without the batch dimension."""
         return [int(d) for d in self._out["shape"][1:]]
 
     def check_against_manifest(self) -> None:
+        """Raise ``ModelError`` unless the model's shapes match its manifest."""
         m = self.manifest
         if self.model_input_shape != list(m.input_shape):
             raise ModelError(
@@ -217,6 +221,7 @@ def looks_like_probabilities(out: np.ndarray) -> bool:
 
 
 def softmax(out: np.ndarray) -> np.ndarray:
+    """Row-wise softmax of logits."""
     shifted = out - out.max(axis=1, keepdims=True)
     exp = np.exp(shifted)
     result: np.ndarray = exp / exp.sum(axis=1, keepdims=True)

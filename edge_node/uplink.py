@@ -20,7 +20,7 @@ from typing import Final
 import numpy as np
 
 from edge_node.ingest import WindowItem
-from shared.mqtt import MqttLink
+from shared.mqtt import MqttLink, PublishHandle
 from shared.schemas import HardExample, ModelManifest, Privacy, SampleReason, encode_message, new_id
 from shared.settings.edge import UplinkSettings
 
@@ -81,6 +81,7 @@ class HardExampleMiner:
     def build(
         self, item: WindowItem, probs: np.ndarray, manifest: ModelManifest, reason: SampleReason
     ) -> HardExample:
+        """The hard example to uplink for one window, with the privacy the settings ask for."""
         window = item.window
         top = int(np.argmax(probs))
         privacy = self.settings.privacy
@@ -135,6 +136,7 @@ class UplinkQueue:
         self._depth = int(self._db.execute("SELECT COUNT(*) FROM uplink").fetchone()[0])
 
     def put(self, payload: bytes) -> None:
+        """Append one encoded message, dropping the oldest beyond ``max_rows`` (counted)."""
         with self._lock:
             self._db.execute("INSERT INTO uplink (payload) VALUES (?)", (payload,))
             self._depth += 1
@@ -148,6 +150,7 @@ class UplinkQueue:
                 self.dropped += excess
 
     def after(self, last_id: int, limit: int) -> list[tuple[int, bytes]]:
+        """Up to ``limit`` queued rows after row id ``last_id``, oldest first."""
         with self._lock:
             rows = self._db.execute(
                 "SELECT id, payload FROM uplink WHERE id > ? ORDER BY id LIMIT ?", (last_id, limit)
@@ -155,6 +158,7 @@ class UplinkQueue:
         return [(int(r[0]), bytes(r[1])) for r in rows]
 
     def delete(self, row_ids: list[int]) -> None:
+        """Delete delivered rows."""
         if not row_ids:
             return
         with self._lock:
@@ -163,9 +167,11 @@ class UplinkQueue:
 
     @property
     def depth(self) -> int:
+        """Rows queued."""
         return self._depth
 
     def close(self) -> None:
+        """Close the database."""
         with self._lock:
             self._db.close()
 
@@ -182,18 +188,21 @@ class UplinkSender:
         self.sent = 0
         self.delivered = 0
         self._thread: threading.Thread | None = None
+        self._acked: queue.SimpleQueue[PublishHandle] = queue.SimpleQueue()  # filled by the link
 
     def start(self) -> None:
+        """Start the sender thread."""
         self._thread = threading.Thread(target=self._run, name="edge-uplink", daemon=True)
         self._thread.start()
 
     def stop(self) -> None:
+        """Stop the sender thread (rows not yet acknowledged stay queued)."""
         self.stop_event.set()
         if self._thread is not None:
             self._thread.join(10)
 
     def _run(self) -> None:
-        inflight: dict[int, int] = {}  # mid -> row id
+        inflight: dict[PublishHandle, int] = {}  # -> row id
         last_id = 0
         connects = -1
         while not self.stop_event.is_set():
@@ -209,10 +218,10 @@ class UplinkSender:
                 done: list[int] = []
                 while True:
                     try:
-                        mid = self.link.acked.get_nowait()
+                        handle = self._acked.get_nowait()
                     except queue.Empty:
                         break
-                    row_id = inflight.pop(mid, None)
+                    row_id = inflight.pop(handle, None)  # None: sent on an earlier connection
                     if row_id is not None:
                         done.append(row_id)
                 self.queue.delete(done)
@@ -220,8 +229,7 @@ class UplinkSender:
                 room = self.inflight_max - len(inflight)
                 rows = self.queue.after(last_id, min(room, FETCH_ROWS)) if room > 0 else []
                 for row_id, payload in rows:
-                    mid = self.link.publish(self.topic, payload, qos=1)
-                    inflight[mid] = row_id
+                    inflight[self.link.publish(self.topic, payload, qos=1, on_done=self._acked.put)] = row_id
                     last_id = row_id
                     self.sent += 1
                 if not rows and not done:
@@ -232,4 +240,5 @@ class UplinkSender:
 
 
 def encode_sample(sample: HardExample) -> bytes:
+    """A hard example as the bytes published on the samples topic."""
     return encode_message(sample)

@@ -11,9 +11,9 @@ from shared.cli import LazyGroup
 BENCHMARKS: Final[dict[str, tuple[str, str]]] = {
     "agent": ("device_agent.bench:bench_agent", "Device agent CPU and RSS at 100 Hz x 3 axes."),
     "edge": ("edge_node.bench:bench_edge", "Edge pipeline vs raw broker vs naive pipeline; latency; RSS."),
-    "compress": ("cloud.bench:bench_compress", "Compression variants: size, accuracy, latency."),
+    "compress": ("cloud.bench.compress:bench_compress", "Compression variants: size, accuracy, latency."),
     "rollout": (
-        "cloud.bench_rollout:bench_rollout",
+        "cloud.bench.rollout:bench_rollout",
         "Rollout to N edges: time to all serving, lost windows.",
     ),
 }

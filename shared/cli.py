@@ -17,13 +17,13 @@ from shared.errors import EdgefleetError
 LAZY_GROUPS: Final[dict[str, tuple[str, str]]] = {
     "agent": ("device_agent.cli:agent", "Run the device agent on a device."),
     "edge": ("edge_node.cli:edge", "Run an edge node: LiteRT inference, local decisions, model swap."),
-    "cloud": ("cloud.cli:cloud", "Run cloud services: ingest, Celery worker and beat, keys."),
-    "model": ("cloud.cli:model", "Train, compress, evaluate and inspect models."),
-    "fleet": ("cloud.fleet_cli:fleet", "List and inspect devices and edge nodes."),
-    "rollout": ("cloud.fleet_cli:rollout", "Roll models out to edges, gated on quality."),
-    "command": ("cloud.fleet_cli:command", "Send commands to devices and collect their acks."),
-    "admin": ("cloud.fleet_cli:admin", "Administration: API tokens."),
-    "demo": ("cloud.demo:demo", "Run the whole topology on this machine."),
+    "cloud": ("cloud.cli.cloud:cloud", "Run cloud services: ingest, Celery worker and beat, keys."),
+    "model": ("cloud.cli.model:model", "Train, compress, evaluate and inspect models."),
+    "fleet": ("cloud.cli.fleet:fleet", "List and inspect devices and edge nodes."),
+    "rollout": ("cloud.cli.rollout:rollout", "Roll models out to edges, gated on quality."),
+    "command": ("cloud.cli.command:command", "Send commands to devices and collect their acks."),
+    "admin": ("cloud.cli.admin:admin", "Administration: API tokens."),
+    "demo": ("cloud.demo.command:demo", "Run the whole topology on this machine."),
     "bench": ("shared.bench:bench", "Benchmarks that print JSON."),
     "tail": ("shared.tail:tail", "Print every message on the wire, decoded."),
 }
@@ -37,9 +37,11 @@ class LazyGroup(click.Group):
         self._lazy = lazy
 
     def list_commands(self, ctx: click.Context) -> list[str]:
+        """Every command name: the lazy groups and any registered eagerly."""
         return sorted({*super().list_commands(ctx), *self._lazy})
 
     def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        """Import a lazy group's module on first use; a missing extra becomes a readable error."""
         if cmd_name in self._lazy:
             target, _help = self._lazy[cmd_name]
             module_name, attr = target.split(":")
@@ -56,6 +58,7 @@ class LazyGroup(click.Group):
         return super().get_command(ctx, cmd_name)
 
     def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:  # noqa: ARG002
+        """List the lazy groups with their one-line help, without importing them."""
         rows = [(name, self._lazy[name][1]) for name in sorted(self._lazy)]
         with formatter.section("Commands"):
             formatter.write_dl(rows)
@@ -84,6 +87,7 @@ def cli(log_level: str) -> None:
 
 
 def main() -> None:
+    """The console script: run the CLI, printing ``EdgefleetError`` as a one-line error (exit 2)."""
     try:
         cli.main(prog_name="edgefleet", standalone_mode=True)
     except EdgefleetError as exc:  # errors we raise on purpose carry a message for the user

@@ -34,3 +34,7 @@ class SignatureError(EdgefleetError):
 
 class MqttError(EdgefleetError):
     """The MQTT client could not connect, subscribe or publish."""
+
+
+class BrokerError(EdgefleetError):
+    """A private broker (``shared.private_broker``) is not installed, did not start or did not listen."""

@@ -4,8 +4,15 @@
 - TCP_NODELAY on the socket: without it QoS1 round trips sit at 44-88 ms on loopback.
 - Retained birth on every (re)connect and a retained LWT; capped exponential reconnect (paho's).
 - TLS and username/password from ``MqttSettings``.
-- Callbacks only hand work to queues: received messages to ``inbox``, PUBACKed message ids to
-  ``acked``, connection changes to ``events``. The owner's own thread does everything else.
+- Callbacks only hand work over: received messages to ``inbox``, connection changes to ``events``,
+  acknowledgements to the ``PublishHandle`` each ``publish`` returns (and to that publish's
+  ``on_done``, e.g. a queue's ``put``). The owner's own thread does everything else.
+
+Acknowledgements: the link keeps a handle per publish not yet acknowledged, keyed by message id,
+and drops it once completed. paho resends unacknowledged QoS1 messages on every reconnect (clean
+session or not: the client keeps them), so their handles simply complete later, published while
+disconnected included. A QoS0 message paho had not written when the connection dropped is gone:
+its handle ends ``lost`` at the next connection attempt.
 """
 
 from __future__ import annotations
@@ -16,6 +23,7 @@ import socket
 import ssl
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Final
 
@@ -63,9 +71,81 @@ class Publication:
 
 @dataclass(frozen=True, slots=True)
 class LinkEvent:
+    """A connection change, as put on ``MqttLink.events``."""
+
     connected: bool
     reason: str
     at: float = field(default_factory=time.monotonic)
+
+
+_PENDING: Final = 0
+_DONE: Final = 1
+_LOST: Final = 2
+
+
+class PublishHandle:
+    """One publish (made by ``MqttLink.publish``): its message id and whether it is acknowledged.
+
+    QoS1: done once the broker's PUBACK arrived (after any number of reconnects). QoS0: done once
+    written to the socket, or ``lost`` if the connection dropped first. Completed by the link on
+    paho's network thread; ``wait`` blocks any other thread until then.
+    """
+
+    __slots__ = ("_event", "_lock", "_on_done", "_state", "mid", "qos", "reason_code", "topic")
+
+    def __init__(
+        self,
+        topic: str,
+        mid: int,
+        qos: int,
+        lock: threading.Lock,
+        on_done: Callable[[PublishHandle], object] | None = None,
+    ) -> None:
+        self.topic = topic
+        self.mid = mid
+        self.qos = qos
+        self.reason_code = 0  # MQTT 5 PUBACK reason (0 success, 0x10 no matching subscribers)
+        self._state = _PENDING
+        self._lock = lock  # the link's: completion and waiter registration never race
+        self._event: threading.Event | None = None  # made only when someone waits
+        self._on_done = on_done
+
+    @property
+    def done(self) -> bool:
+        """Acknowledged by the broker (QoS1) or written to the socket (QoS0)."""
+        return self._state == _DONE
+
+    @property
+    def lost(self) -> bool:
+        """A QoS0 message dropped with the connection before it was written: it never will be."""
+        return self._state == _LOST
+
+    @property
+    def not_routed(self) -> bool:
+        """MQTT 5 only: the broker accepted it but no subscription matched, so nobody has it."""
+        return self.reason_code == NO_MATCHING_SUBSCRIBERS
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Block until done (``True``), lost or ``timeout`` seconds passed (``False``)."""
+        if self._state == _PENDING:
+            with self._lock:
+                if self._state == _PENDING and self._event is None:
+                    self._event = threading.Event()
+                event = self._event
+            if event is not None:
+                event.wait(timeout)
+        return self._state == _DONE
+
+    def _settle(self, state: int, reason_code: int = 0) -> None:
+        """Record the outcome and wake waiters; called with the link's lock held."""
+        self.reason_code = reason_code
+        self._state = state
+        if self._event is not None:
+            self._event.set()
+
+    def __repr__(self) -> str:
+        state = {_PENDING: "pending", _DONE: "done", _LOST: "lost"}[self._state]
+        return f"PublishHandle(mid={self.mid}, topic={self.topic!r}, qos={self.qos}, {state})"
 
 
 class _DropNotConnected(logging.Filter):
@@ -80,6 +160,7 @@ logging.getLogger(f"{__name__}.paho").addFilter(_DropNotConnected())
 
 
 def enable_nodelay(sock: Any) -> None:
+    """Set TCP_NODELAY on a socket (a no-op for transports without it)."""
     try:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     except (OSError, AttributeError) as exc:  # e.g. a unix or websocket transport
@@ -87,7 +168,8 @@ def enable_nodelay(sock: Any) -> None:
 
 
 class MqttLink:
-    """One paho client with its network thread, subscriptions re-made on every connect."""
+    """One paho client with its network thread: subscriptions re-made on every connect, births
+    re-published, and a ``PublishHandle`` per publish until the broker acknowledged it."""
 
     def __init__(
         self,
@@ -98,7 +180,6 @@ class MqttLink:
         will: Publication | None = None,
         birth: Publication | None = None,
         inbox: queue.SimpleQueue[Received] | None = None,
-        track_acks: bool = False,
         log: logging.Logger | None = None,
         manual_ack: bool = False,
         mqtt5: bool = False,
@@ -107,14 +188,9 @@ class MqttLink:
         self.client_id = client_id
         self.log = log or logger
         self.inbox: queue.SimpleQueue[Received] = inbox if inbox is not None else queue.SimpleQueue()
-        self.acked: queue.SimpleQueue[int] = queue.SimpleQueue()
-        # MQTT 5 only: message ids the broker PUBACKed with "no matching subscribers" (each is put
-        # here before it is put on ``acked``): accepted by the broker, delivered to nobody.
-        self.not_routed: queue.SimpleQueue[int] = queue.SimpleQueue()
         self._mqtt5 = mqtt5
         self._clean_session = clean_session
         self.events: queue.SimpleQueue[LinkEvent] = queue.SimpleQueue()
-        self._track_acks = track_acks
         self._birth = birth
         self._subscriptions: dict[str, int] = {}
         self._sub_lock = threading.Lock()
@@ -123,6 +199,14 @@ class MqttLink:
         self._subscribed = threading.Event()
         self._started = False
         self.connects = 0
+        # Publishes not completed yet, by message id. A PUBACK may arrive before ``publish`` has
+        # registered its handle (paho returns the mid only after sending): it waits in ``_early``
+        # for that publisher, which claims it before leaving. ``_early`` is emptied whenever no
+        # publish is in progress, so no stale entry survives to match a reused message id.
+        self._pending: dict[int, PublishHandle] = {}
+        self._early: dict[int, int] = {}  # mid -> PUBACK reason code
+        self._publishing = 0
+        self._pending_lock = threading.Lock()
 
         if mqtt5:  # the session is kept by clean_start=False + a session expiry (see ``start``)
             client = paho.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=paho.MQTTv5)
@@ -158,17 +242,26 @@ class MqttLink:
         # crash before that gets it redelivered on a persistent session instead of losing it.
         client.manual_ack_set(manual_ack)
         client.on_socket_open = self._on_socket_open
+        client.on_pre_connect = self._on_pre_connect
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
         client.on_message = self._on_message
         client.on_publish = self._on_publish
         client.on_subscribe = self._on_subscribe
-        self.client = client
+        self._client = client
 
     # -- paho callbacks: hand off only --------------------------------------------------------
     @staticmethod
     def _on_socket_open(_client: paho.Client, _userdata: Any, sock: Any) -> None:
         enable_nodelay(sock)
+
+    def _on_pre_connect(self, _client: paho.Client, _userdata: Any) -> None:
+        # paho has just discarded the QoS0 packets it had not written: their handles never complete.
+        with self._pending_lock:
+            lost = [handle for handle in self._pending.values() if handle.qos == 0]
+            for handle in lost:
+                del self._pending[handle.mid]
+                handle._settle(_LOST)
 
     def _on_connect(
         self, client: paho.Client, _userdata: Any, _flags: Any, reason: ReasonCode, _props: Any
@@ -181,9 +274,11 @@ class MqttLink:
         if subs:
             client.subscribe(subs)
         if self._birth is not None:
-            client.publish(
-                self._birth.topic, self._birth.payload, qos=self._birth.qos, retain=self._birth.retain
-            )
+            birth = self._birth
+            try:
+                self.publish(birth.topic, birth.payload, qos=birth.qos, retain=birth.retain)
+            except MqttError as exc:  # the connection is new: only a local paho failure lands here
+                self.log.warning("birth message not published: %s", exc)
         self.connects += 1
         self._connected.set()
         self._ever_connected.set()
@@ -206,15 +301,36 @@ class MqttLink:
             self._subscribed.set()
 
     def _on_publish(self, _client: paho.Client, _userdata: Any, mid: int, reason: Any, _props: Any) -> None:
-        if self._track_acks:
-            if getattr(reason, "value", 0) == NO_MATCHING_SUBSCRIBERS:
-                self.not_routed.put(mid)
-            self.acked.put(mid)
+        code = int(getattr(reason, "value", 0))
+        with self._pending_lock:
+            handle = self._pending.pop(mid, None)
+            if handle is None:
+                if self._publishing:  # its publisher is between paho's return and registering it
+                    self._early[mid] = code
+                return
+            handle._settle(_DONE, code)
+        self._completed(handle)
+
+    def _completed(self, handle: PublishHandle) -> None:
+        """Hand a completed publish to whoever asked (never under the lock: callbacks may block)."""
+        on_done = handle._on_done
+        if on_done is not None:
+            on_done(handle)
 
     # -- owner API ----------------------------------------------------------------------------
     @property
     def connected(self) -> bool:
+        """Whether the link is connected right now."""
         return self._connected.is_set()
+
+    @property
+    def pending(self) -> int:
+        """How many publishes are not acknowledged (QoS1) or written (QoS0) yet."""
+        return len(self._pending)
+
+    def network_socket(self) -> Any:
+        """The current socket (``None`` while disconnected), for diagnostics such as TCP_NODELAY."""
+        return self._client.socket()
 
     def set_birth(self, birth: Publication | None) -> None:
         """Replace the birth message published on every connect (e.g. new reported state)."""
@@ -225,13 +341,14 @@ class MqttLink:
         with self._sub_lock:
             self._subscriptions[topic_filter] = qos
         if self.connected:
-            self.client.subscribe(topic_filter, qos)
+            self._client.subscribe(topic_filter, qos)
 
     def unsubscribe(self, topic_filter: str) -> None:
+        """Unsubscribe now if connected, and stop re-subscribing on reconnects."""
         with self._sub_lock:
             self._subscriptions.pop(topic_filter, None)
         if self.connected:
-            self.client.unsubscribe(topic_filter)
+            self._client.unsubscribe(topic_filter)
 
     def start(self) -> None:
         """Connect in the background; paho keeps reconnecting with capped backoff."""
@@ -241,7 +358,7 @@ class MqttLink:
         if self._mqtt5:
             props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
             props.SessionExpiryInterval = 0 if self._clean_session else SESSION_EXPIRY_S
-            self.client.connect_async(
+            self._client.connect_async(
                 addr.host,
                 addr.port,
                 keepalive=self.settings.keepalive_s,
@@ -249,11 +366,12 @@ class MqttLink:
                 properties=props,
             )
         else:
-            self.client.connect_async(addr.host, addr.port, keepalive=self.settings.keepalive_s)
-        self.client.loop_start()
+            self._client.connect_async(addr.host, addr.port, keepalive=self.settings.keepalive_s)
+        self._client.loop_start()
         self._started = True
 
     def wait_connected(self, timeout: float = CONNECT_TIMEOUT_S) -> bool:
+        """Wait for the link to be connected; ``False`` after ``timeout`` seconds."""
         return self._connected.wait(timeout)
 
     def wait_subscribed(self, timeout: float = CONNECT_TIMEOUT_S) -> bool:
@@ -263,7 +381,7 @@ class MqttLink:
     def ack(self, message: Received) -> None:
         """PUBACK a QoS1 message once handled (only with ``manual_ack=True``; a no-op otherwise)."""
         if message.qos > 0:
-            self.client.ack(message.mid, message.qos)
+            self._client.ack(message.mid, message.qos)
 
     def connect(self, timeout: float = CONNECT_TIMEOUT_S) -> None:
         """Start and wait for the first connection; if it does not come, stop (no network thread left
@@ -276,30 +394,77 @@ class MqttLink:
                 f"could not connect to MQTT broker {addr.host}:{addr.port} within {timeout:.0f} s"
             )
 
-    def publish(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False) -> int:
-        """Queue a publish (paho resends QoS>0 after reconnects); returns the message id."""
-        info = self.client.publish(topic, payload, qos=qos, retain=retain)
-        if info.rc not in (MQTTErrorCode.MQTT_ERR_SUCCESS, MQTTErrorCode.MQTT_ERR_NO_CONN):
-            raise MqttError(f"publish to {topic} failed: {paho.error_string(info.rc)}")
-        return int(info.mid)
+    def publish(
+        self,
+        topic: str,
+        payload: bytes,
+        qos: int = 1,
+        retain: bool = False,
+        *,
+        on_done: Callable[[PublishHandle], object] | None = None,
+    ) -> PublishHandle:
+        """Queue a publish (paho resends QoS>0 after reconnects) and return its handle.
+
+        ``on_done(handle)`` is called once it is done (never for a lost QoS0 message), on paho's
+        network thread, or on this thread when the PUBACK beat ``publish`` back: it must only hand
+        the handle over (e.g. ``queue.put``). It is how an owner consumes a stream of completions.
+        """
+        with self._pending_lock:
+            self._publishing += 1
+        try:
+            info = self._client.publish(topic, payload, qos=qos, retain=retain)
+        except BaseException:
+            with self._pending_lock:
+                self._publishing -= 1
+                if not self._publishing:
+                    self._early.clear()
+            raise
+        rc = info.rc
+        failed = rc not in (MQTTErrorCode.MQTT_ERR_SUCCESS, MQTTErrorCode.MQTT_ERR_NO_CONN)
+        handle = PublishHandle(topic, int(info.mid), qos, self._pending_lock, on_done)
+        with self._pending_lock:
+            self._publishing -= 1
+            code = self._early.pop(handle.mid, None) if self._early else None
+            if not self._publishing:
+                self._early.clear()
+            if failed:
+                pass
+            elif rc == MQTTErrorCode.MQTT_ERR_NO_CONN and qos == 0:
+                handle._settle(_LOST)  # paho keeps no QoS0 message for later
+                return handle
+            elif code is None:
+                self._pending[handle.mid] = handle
+                return handle
+            else:
+                handle._settle(_DONE, code)  # acknowledged before it was registered
+        if failed:
+            raise MqttError(f"publish to {topic} failed: {paho.error_string(rc)}")
+        self._completed(handle)
+        return handle
 
     def stop(self, final: Publication | None = None) -> None:
         """Publish ``final`` (e.g. a retained offline status) if connected, then disconnect."""
         if not self._started:
             return
         if final is not None and self.connected:
-            info = self.client.publish(final.topic, final.payload, qos=final.qos, retain=final.retain)
             try:
-                info.wait_for_publish(DISCONNECT_GRACE_S)
-            except (RuntimeError, ValueError) as exc:
-                self.log.warning("final message to %s not confirmed: %s", final.topic, exc)
-        self.client.disconnect()
+                confirmed = self.publish(final.topic, final.payload, qos=final.qos, retain=final.retain).wait(
+                    DISCONNECT_GRACE_S
+                )
+            except MqttError as exc:
+                self.log.warning("final message to %s not published: %s", final.topic, exc)
+            else:
+                if not confirmed:
+                    self.log.warning(
+                        "final message to %s not confirmed within %g s", final.topic, DISCONNECT_GRACE_S
+                    )
+        self._client.disconnect()
         # Let the network thread write what is queued (manual PUBACKs, then DISCONNECT) before it is
         # stopped: a DISCONNECT never sent makes the broker publish the last will, an unsent PUBACK
         # gets the message redelivered. on_disconnect clears ``_connected`` once it is written.
         deadline = time.monotonic() + DISCONNECT_GRACE_S
         while self._connected.is_set() and time.monotonic() < deadline:
             time.sleep(0.005)
-        self.client.loop_stop()
+        self._client.loop_stop()
         self._connected.clear()
         self._started = False

@@ -36,10 +36,12 @@ Probability = Annotated[float, Field(ge=0.0, le=1.0)]
 
 
 def now() -> float:
+    """Wall-clock time (epoch seconds) for message timestamps."""
     return time.time()
 
 
 def new_id() -> str:
+    """A new random id (32 hex digits) for commands, samples and other messages."""
     return uuid.uuid4().hex
 
 
@@ -57,6 +59,11 @@ class Message(BaseModel):
 # ---------------------------------------------------------------------------------------------
 
 
+# Bounds of a telemetry window, enforced here and by the binary codec (shared.codec).
+MAX_SAMPLE_RATE_HZ: Final = 1_000_000.0
+SEQ_LIMIT: Final = 2**63  # window sequence numbers are in [0, SEQ_LIMIT): a u64 field, signed-safe
+
+
 class TelemetryWindow(Message):
     """One sensor window. On the wire it is binary (``shared.codec``); this is its decoded form.
 
@@ -67,15 +74,17 @@ class TelemetryWindow(Message):
 
     type: Literal["telemetry"] = "telemetry"
     device_id: Id
-    seq: Annotated[int, Field(ge=0, lt=2**63)]
+    seq: Annotated[int, Field(ge=0, lt=SEQ_LIMIT)]
     ts: Timestamp
-    sample_rate_hz: Annotated[float, Field(gt=0, le=1_000_000)]
+    sample_rate_hz: Annotated[float, Field(gt=0, le=MAX_SAMPLE_RATE_HZ)]
     channels: tuple[str, ...]
     values: Any = Field(description="numpy float32 array of shape (samples, channels)")
     label: str | None = None
 
 
 class Heartbeat(Message):
+    """A device's periodic health report (``health`` topic): rates, outbox, drops, CPU, memory."""
+
     type: Literal["heartbeat"] = "heartbeat"
     device_id: Id
     ts: Timestamp = Field(default_factory=now)
@@ -100,6 +109,8 @@ class Heartbeat(Message):
 
 
 class OnlineState(StrEnum):
+    """Whether a device or an edge is online (birth) or offline (shutdown or last will)."""
+
     ONLINE = "online"
     OFFLINE = "offline"
 
@@ -147,6 +158,8 @@ class DeviceDesired(Message):
 
 
 class CommandName(StrEnum):
+    """The commands a device agent understands."""
+
     PING = "ping"
     SET_RATE = "set_rate"
     SET_WINDOW = "set_window"
@@ -185,6 +198,7 @@ class Command(Message):
         ttl_s: float = 60.0,
         sender: str = "unknown",
     ) -> Command:
+        """A command for ``device_id`` with a new id, expiring ``ttl_s`` seconds from now."""
         issued = now()
         return cls(
             device_id=device_id,
@@ -197,6 +211,8 @@ class Command(Message):
 
 
 class AckStatus(StrEnum):
+    """How a device answered a command."""
+
     OK = "ok"
     ERROR = "error"
     EXPIRED = "expired"
@@ -204,6 +220,8 @@ class AckStatus(StrEnum):
 
 
 class CommandAck(Message):
+    """A device's answer to a command (``ack`` topic), matched to it by ``command_id``."""
+
     type: Literal["command_ack"] = "command_ack"
     command_id: Id
     device_id: Id
@@ -221,6 +239,8 @@ class CommandAck(Message):
 
 
 class Severity(StrEnum):
+    """How urgent a decision is."""
+
     INFO = "info"
     LOW = "low"
     MEDIUM = "medium"
@@ -249,12 +269,16 @@ class Decision(Message):
 
 
 class SampleReason(StrEnum):
+    """Why a window was picked as a hard example for retraining."""
+
     LOW_CONFIDENCE = "low_confidence"
     SMALL_MARGIN = "small_margin"
     RANDOM = "random"
 
 
 class Privacy(StrEnum):
+    """How much of a window a hard example carries: all of it, summary features, or nothing."""
+
     FULL = "full"
     SUMMARY = "summary"
     NONE = "none"
@@ -291,10 +315,13 @@ class HardExample(Message):
         return self
 
     def window_bytes(self) -> bytes | None:
+        """The raw encoded window this sample carries, if any."""
         return base64.b64decode(self.window_b64) if self.window_b64 is not None else None
 
 
 class LatencySummary(BaseModel):
+    """Latency percentiles in milliseconds."""
+
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     p50_ms: Annotated[float, Field(ge=0)] = 0.0
@@ -303,6 +330,8 @@ class LatencySummary(BaseModel):
 
 
 class EdgeMetrics(Message):
+    """An edge's periodic metrics (``metrics`` topic): throughput, confidence, latency, drops."""
+
     type: Literal["edge_metrics"] = "edge_metrics"
     edge_id: Id
     ts: Timestamp = Field(default_factory=now)
@@ -328,6 +357,8 @@ class EdgeMetrics(Message):
 
 
 class DeadLetter(Message):
+    """A payload the edge rejected, and why (``dead`` topic)."""
+
     type: Literal["dead_letter"] = "dead_letter"
     edge_id: Id
     topic: str
@@ -343,6 +374,8 @@ class DeadLetter(Message):
 
 
 class Quantization(StrEnum):
+    """How a model's weights and activations are quantized."""
+
     FLOAT32 = "float32"
     DYNAMIC = "dynamic"
     FLOAT16 = "float16"
@@ -406,6 +439,7 @@ class ModelManifest(Message):
 
     @property
     def ref(self) -> str:
+        """``name@version``: how logs and messages name this model."""
         return f"{self.name}@{self.version}"
 
     def signing_bytes(self) -> bytes:
@@ -415,6 +449,8 @@ class ModelManifest(Message):
 
 
 class DesiredAction(StrEnum):
+    """What a desired state asks an edge to do with the model it names."""
+
     DEPLOY = "deploy"
     ROLLBACK = "rollback"
 
@@ -439,6 +475,8 @@ class DesiredState(Message):
 
 
 class DeployStage(StrEnum):
+    """Where an edge is in carrying out a deployment order."""
+
     RECEIVED = "received"
     DOWNLOADING = "downloading"
     VERIFYING = "verifying"
@@ -449,6 +487,8 @@ class DeployStage(StrEnum):
 
 
 class DeploymentProgress(Message):
+    """An edge's progress report on a deployment order (``deploy`` topic)."""
+
     type: Literal["deploy_progress"] = "deploy_progress"
     edge_id: Id
     revision: Annotated[int, Field(ge=0)]
@@ -461,6 +501,8 @@ class DeploymentProgress(Message):
 
 
 class ReportedState(BaseModel):
+    """What an edge reports it runs: active and last good model, last order handled."""
+
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     model_name: str | None = None

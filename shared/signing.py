@@ -21,8 +21,8 @@ if TYPE_CHECKING:
 
 def generate_keypair(private_path: Path, public_path: Path) -> str:
     """Write a new key pair (private key mode 0600); return the key id."""
-    from cryptography.hazmat.primitives import serialization  # noqa: PLC0415
-    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey  # noqa: PLC0415
+    from cryptography.hazmat.primitives import serialization  # noqa: PLC0415  (edge/cloud extra, not on devices)
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey  # noqa: PLC0415  (edge/cloud extra, not on devices)
 
     key = Ed25519PrivateKey.generate()
     private_path.parent.mkdir(parents=True, exist_ok=True)
@@ -45,8 +45,9 @@ def key_id(public_pem: bytes) -> str:
 
 
 def load_private_key(path: Path) -> Ed25519PrivateKey:
-    from cryptography.hazmat.primitives import serialization  # noqa: PLC0415
-    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey  # noqa: PLC0415
+    """Read an ed25519 private key from a PEM file (``SignatureError`` if it is not one)."""
+    from cryptography.hazmat.primitives import serialization  # noqa: PLC0415  (edge/cloud extra, not on devices)
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey  # noqa: PLC0415  (edge/cloud extra, not on devices)
 
     try:
         key = serialization.load_pem_private_key(path.read_bytes(), password=None)
@@ -58,8 +59,9 @@ def load_private_key(path: Path) -> Ed25519PrivateKey:
 
 
 def load_public_key(path: Path) -> Ed25519PublicKey:
-    from cryptography.hazmat.primitives import serialization  # noqa: PLC0415
-    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey  # noqa: PLC0415
+    """Read an ed25519 public key from a PEM file (``SignatureError`` if it is not one)."""
+    from cryptography.hazmat.primitives import serialization  # noqa: PLC0415  (edge/cloud extra, not on devices)
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey  # noqa: PLC0415  (edge/cloud extra, not on devices)
 
     try:
         key = serialization.load_pem_public_key(path.read_bytes())
@@ -81,7 +83,7 @@ def sign_manifest(
 
 def verify_manifest(manifest: ModelManifest, public_key: Ed25519PublicKey) -> None:
     """Raise ``SignatureError`` unless ``manifest`` carries a valid signature by ``public_key``."""
-    from cryptography.exceptions import InvalidSignature  # noqa: PLC0415
+    from cryptography.exceptions import InvalidSignature  # noqa: PLC0415  (edge/cloud extra, not on devices)
 
     if manifest.signature is None:
         raise SignatureError(f"model {manifest.ref} is unsigned")

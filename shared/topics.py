@@ -22,6 +22,8 @@ _SHARE_GROUP_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 
 
 class DeviceTopic(StrEnum):
+    """The last level of a device topic: what the message is."""
+
     TELEMETRY = "telemetry"
     STATUS = "status"
     HEALTH = "health"
@@ -31,6 +33,8 @@ class DeviceTopic(StrEnum):
 
 
 class EdgeTopic(StrEnum):
+    """The last level of an edge topic: what the message is."""
+
     STATUS = "status"
     DECISION = "decision"
     SAMPLES = "samples"
@@ -61,10 +65,12 @@ class ParsedTopic:
 
     @property
     def device_id(self) -> str | None:
+        """The device id, for a device topic."""
         return self.entity_id if self.tier == "dev" else None
 
     @property
     def edge_id(self) -> str | None:
+        """The edge id, for an edge topic."""
         return self.entity_id if self.tier == "edge" else None
 
 
@@ -82,27 +88,35 @@ class Topics:
 
     # -- builders -----------------------------------------------------------------------------
     def device(self, device_id: str, kind: DeviceTopic) -> str:
+        """The topic of one kind of message of one device."""
         return f"{self.prefix}/dev/{validate_id(device_id, what='device id')}/{DeviceTopic(kind).value}"
 
     def edge(self, edge_id: str, kind: EdgeTopic) -> str:
+        """The topic of one kind of message of one edge."""
         return f"{self.prefix}/edge/{validate_id(edge_id, what='edge id')}/{EdgeTopic(kind).value}"
 
     def telemetry(self, device_id: str) -> str:
+        """Where a device publishes its sensor windows."""
         return self.device(device_id, DeviceTopic.TELEMETRY)
 
     def device_status(self, device_id: str) -> str:
+        """Where a device's birth and last will are retained."""
         return self.device(device_id, DeviceTopic.STATUS)
 
     def health(self, device_id: str) -> str:
+        """Where a device publishes its heartbeats."""
         return self.device(device_id, DeviceTopic.HEALTH)
 
     def command(self, device_id: str) -> str:
+        """Where a device receives commands."""
         return self.device(device_id, DeviceTopic.CMD)
 
     def ack(self, device_id: str) -> str:
+        """Where a device acknowledges commands."""
         return self.device(device_id, DeviceTopic.ACK)
 
     def device_desired(self, device_id: str) -> str:
+        """Where a device's desired configuration is retained."""
         return self.device(device_id, DeviceTopic.DESIRED)
 
     # -- subscriptions ------------------------------------------------------------------------
@@ -111,6 +125,7 @@ class Topics:
         return f"{self.prefix}/dev/+/{DeviceTopic(kind).value}" if kind else f"{self.prefix}/dev/+/+"
 
     def all_edges(self, kind: EdgeTopic | None = None) -> str:
+        """Wildcard over every edge, for one kind or (``None``) all kinds."""
         return f"{self.prefix}/edge/+/{EdgeTopic(kind).value}" if kind else f"{self.prefix}/edge/+/+"
 
     def device_filter(self, device_id: str | None, kind: DeviceTopic | None) -> str:
@@ -121,6 +136,7 @@ class Topics:
         return f"{self.prefix}/dev/{dev}/{DeviceTopic(kind).value if kind else '+'}"
 
     def edge_filter(self, edge_id: str | None, kind: EdgeTopic | None) -> str:
+        """A subscription filter for one edge or all edges (``None``), one kind or all."""
         if edge_id is None:
             return self.all_edges(kind)
         edge = validate_id(edge_id, what="edge id")

@@ -18,13 +18,14 @@ from pathlib import Path
 
 import pytest
 
-from tests.brokers import ADMIN_POSTGRES_URL, Mosquitto, PostgresDatabase, RedisServer
+from shared.private_broker import mosquitto_binary
+from tests.support.brokers import ADMIN_POSTGRES_URL, Mosquitto, PostgresDatabase, RedisServer
 
 
 @pytest.fixture
 def mosquitto(tmp_path: Path) -> Iterator[Mosquitto]:
     """A fresh mosquitto (persistence on) for one test; ``.restart()`` keeps port and sessions."""
-    if shutil.which("mosquitto") is None and not Path("/usr/sbin/mosquitto").exists():
+    if mosquitto_binary() is None:
         pytest.fail("mosquitto is not installed: scripts/setup installs it with apt-get")
     broker = Mosquitto(workdir=tmp_path / "mosquitto")
     broker.start()

@@ -1,1 +1,1 @@
-"""The registry: SQLAlchemy models, sessions, Alembic migrations and keyword-only CRUD functions."""
+"""The registry: SQLAlchemy models, sessions, migrations and every query (keyword-only CRUD)."""

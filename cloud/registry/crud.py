@@ -68,6 +68,7 @@ def get_or_create_dataset(
 
 
 def get_dataset(session: Session, *, dataset_id: int) -> Dataset:
+    """The dataset with id ``dataset_id`` (``NotFoundError`` if there is none)."""
     dataset = session.get(Dataset, dataset_id)
     if dataset is None:
         raise NotFoundError(f"dataset {dataset_id} does not exist")
@@ -85,13 +86,38 @@ def create_run(
     dataset_id: int | None = None,
     trigger_id: int | None = None,
 ) -> PipelineRun:
+    """Record a pipeline run; the trigger that fired it, if any, is linked to it."""
     run = PipelineRun(model_name=model_name, config=config, dataset_id=dataset_id, trigger_id=trigger_id)
     session.add(run)
     session.flush()
+    if trigger_id is not None:
+        trigger = session.get(Trigger, trigger_id)
+        if trigger is not None:
+            trigger.run_id = run.id
     return run
 
 
+def run_of(session: Session, *, model: ModelVersion) -> PipelineRun | None:
+    """The pipeline run that made ``model``, if it was made by one."""
+    return session.get(PipelineRun, model.run_id) if model.run_id is not None else None
+
+
+def latest_run(session: Session) -> PipelineRun | None:
+    """The newest pipeline run of any model."""
+    return session.scalar(select(PipelineRun).order_by(PipelineRun.id.desc()).limit(1))
+
+
+def run_in_progress(session: Session, *, model_name: str) -> int | None:
+    """The id of a pending or running pipeline run of ``model_name``, if any."""
+    return session.scalar(
+        select(PipelineRun.id).where(
+            PipelineRun.model_name == model_name, PipelineRun.state.in_(("pending", "running"))
+        )
+    )
+
+
 def get_run(session: Session, *, run_id: int) -> PipelineRun:
+    """The pipeline run with id ``run_id`` (``NotFoundError`` if there is none)."""
     run = session.get(PipelineRun, run_id)
     if run is None:
         raise NotFoundError(f"pipeline run {run_id} does not exist")
@@ -121,6 +147,7 @@ def record_step(
 
 
 def finish_run(session: Session, *, run_id: int, state: str, error: str | None = None) -> PipelineRun:
+    """Close a run with its final state (published, rejected, failed) and the error, if any."""
     run = get_run(session, run_id=run_id)
     run.state = state
     run.error = error
@@ -129,6 +156,7 @@ def finish_run(session: Session, *, run_id: int, state: str, error: str | None =
 
 
 def list_runs(session: Session, *, limit: int = 50) -> list[PipelineRun]:
+    """The newest pipeline runs, newest first."""
     return list(session.scalars(select(PipelineRun).order_by(PipelineRun.id.desc()).limit(limit)))
 
 
@@ -198,6 +226,7 @@ def get_model_version(
 def list_model_versions(
     session: Session, *, name: str | None = None, status: str | None = None, limit: int = 100
 ) -> list[ModelVersion]:
+    """Model versions, newest first, optionally of one name and/or one status."""
     query = select(ModelVersion)
     if name is not None:
         query = query.where(ModelVersion.name == name)
@@ -207,6 +236,7 @@ def list_model_versions(
 
 
 def production_model(session: Session, *, name: str) -> ModelVersion | None:
+    """The production version of ``name``, or None before the first promotion."""
     return session.scalar(
         select(ModelVersion)
         .where(ModelVersion.name == name, ModelVersion.status == "production")
@@ -216,6 +246,7 @@ def production_model(session: Session, *, name: str) -> ModelVersion | None:
 
 
 def set_gate_result(session: Session, *, model_id: int, passed: bool, reason: str) -> ModelVersion:
+    """Record the promotion gate's verdict on a model; one that failed it becomes 'rejected'."""
     model = get_model_version(session, model_id=model_id)
     model.gate_passed = passed
     model.gate_reason = reason
@@ -281,6 +312,7 @@ def next_version(session: Session, *, name: str) -> str:
 def record_trigger(
     session: Session, *, kind: str, reason: str, model_name: str, detail: dict[str, Any] | None = None
 ) -> Trigger:
+    """Record a retraining trigger that fired, with its reason (the run is linked when it starts)."""
     trigger = Trigger(kind=kind, reason=reason, model_name=model_name, detail=detail or {})
     session.add(trigger)
     session.flush()
@@ -288,13 +320,20 @@ def record_trigger(
 
 
 def last_trigger(session: Session, *, model_name: str, kind: str | None = None) -> Trigger | None:
+    """The newest trigger of ``model_name`` (of one ``kind`` if given), or None."""
     query = select(Trigger).where(Trigger.model_name == model_name)
     if kind is not None:
         query = query.where(Trigger.kind == kind)
     return session.scalar(query.order_by(Trigger.id.desc()).limit(1))
 
 
+def all_triggers(session: Session) -> list[Trigger]:
+    """Every trigger that fired, oldest first."""
+    return list(session.scalars(select(Trigger).order_by(Trigger.id)))
+
+
 def list_triggers(session: Session, *, limit: int = 50) -> list[Trigger]:
+    """The newest triggers, newest first."""
     return list(session.scalars(select(Trigger).order_by(Trigger.id.desc()).limit(limit)))
 
 
@@ -302,20 +341,24 @@ def list_triggers(session: Session, *, limit: int = 50) -> list[Trigger]:
 
 
 def already_processed(session: Session, *, message_key: str) -> bool:
+    """Whether the uplink message with this key was stored already (the ingest's dedup check)."""
     return session.get(ProcessedMessage, message_key) is not None
 
 
 def mark_processed(session: Session, *, message_key: str) -> None:
+    """Remember that the uplink message with this key is stored, in the same transaction."""
     session.add(ProcessedMessage(message_key=message_key))
 
 
 def add_sample(session: Session, **fields: Any) -> Sample:
+    """Store one uplinked sample; ``fields`` are ``Sample`` columns."""
     sample = Sample(**fields)
     session.add(sample)
     return sample
 
 
 def count_samples(session: Session, *, labelled: bool | None = None, since: float | None = None) -> int:
+    """How many samples, all or only (un)labelled, optionally received after ``since``."""
     query = select(func.count()).select_from(Sample)
     if labelled is True:
         query = query.where(Sample.label_source != "none")
@@ -329,6 +372,7 @@ def count_samples(session: Session, *, labelled: bool | None = None, since: floa
 def list_samples(
     session: Session, *, labelled: bool | None = None, limit: int = 100, with_window: bool | None = None
 ) -> list[Sample]:
+    """Samples in arrival order, all or only (un)labelled, optionally only those with a window."""
     query = select(Sample)
     if labelled is True:
         query = query.where(Sample.label_source != "none")
@@ -342,6 +386,7 @@ def list_samples(
 def set_label(
     session: Session, *, sample_id: str, label: str, source: str = "human", confidence: float | None = None
 ) -> Sample:
+    """Label a sample and say who labelled it (human, teacher, device)."""
     sample = session.scalar(select(Sample).where(Sample.sample_id == sample_id))
     if sample is None:
         raise NotFoundError(f"sample {sample_id} does not exist")
@@ -352,6 +397,7 @@ def set_label(
 
 
 def upsert_edge(session: Session, *, edge_id: str, **fields: Any) -> EdgeNode:
+    """Create or update an edge with ``fields``; stamps ``last_seen`` (an edge is heard from)."""
     edge = session.scalar(select(EdgeNode).where(EdgeNode.edge_id == edge_id))
     if edge is None:
         edge = EdgeNode(edge_id=edge_id, tags=[], reported={})
@@ -364,6 +410,7 @@ def upsert_edge(session: Session, *, edge_id: str, **fields: Any) -> EdgeNode:
 
 
 def upsert_device(session: Session, *, device_id: str, **fields: Any) -> Device:
+    """Create or update a device with ``fields``; ``last_seen`` is left to the status it reports."""
     device = session.scalar(select(Device).where(Device.device_id == device_id))
     if device is None:
         device = Device(device_id=device_id, tags=[], info={})
@@ -403,16 +450,29 @@ def record_device_status(session: Session, *, status: Any) -> bool:
 
 
 def list_edges(session: Session) -> list[EdgeNode]:
+    """Every edge known to the registry, by id."""
     return list(session.scalars(select(EdgeNode).order_by(EdgeNode.edge_id)))
 
 
 def add_metrics(session: Session, **fields: Any) -> EdgeMetricsRecord:
+    """Store one edge metrics report; ``fields`` are ``EdgeMetricsRecord`` columns."""
     record = EdgeMetricsRecord(**fields)
     session.add(record)
     return record
 
 
+def last_metrics_before(session: Session, *, edge_id: str, ts: float) -> EdgeMetricsRecord | None:
+    """An edge's last metrics report at or before ``ts``."""
+    return session.scalars(
+        select(EdgeMetricsRecord)
+        .where(EdgeMetricsRecord.edge_id == edge_id, EdgeMetricsRecord.ts <= ts)
+        .order_by(EdgeMetricsRecord.ts.desc())
+        .limit(1)
+    ).first()
+
+
 def recent_metrics(session: Session, *, since: float) -> list[EdgeMetricsRecord]:
+    """Every edge metrics report after ``since``, oldest first."""
     return list(
         session.scalars(
             select(EdgeMetricsRecord).where(EdgeMetricsRecord.ts > since).order_by(EdgeMetricsRecord.ts)
@@ -421,6 +481,7 @@ def recent_metrics(session: Session, *, since: float) -> list[EdgeMetricsRecord]
 
 
 def add_decision(session: Session, **fields: Any) -> Decision:
+    """Store one local decision an edge took; ``fields`` are ``Decision`` columns."""
     record = Decision(**fields)
     session.add(record)
     return record
@@ -429,6 +490,7 @@ def add_decision(session: Session, **fields: Any) -> Decision:
 def add_dead_letter(
     session: Session, *, source: str, topic: str, reason: str, payload: bytes, payload_size: int | None = None
 ) -> DeadLetterRecord:
+    """Store a message nobody could process, with its reason; at most 4 KiB of its payload are kept."""
     record = DeadLetterRecord(
         source=source,
         topic=topic,
@@ -441,6 +503,7 @@ def add_dead_letter(
 
 
 def count_dead_letters(session: Session, *, source: str | None = None) -> int:
+    """How many dead letters, all or from one ``source`` (an edge id, or 'ingest')."""
     query = select(func.count()).select_from(DeadLetterRecord)
     if source is not None:
         query = query.where(DeadLetterRecord.source == source)
@@ -517,6 +580,7 @@ def record_ack(session: Session, *, ack: Any) -> CommandRecord | None:
 
 
 def next_desired_revision(session: Session, *, edge_id: str) -> int:
+    """The revision the next desired state of ``edge_id`` gets (monotonic per edge, from 1)."""
     current = session.get(DesiredRevision, edge_id)
     return 1 if current is None else current.revision + 1
 
@@ -524,6 +588,7 @@ def next_desired_revision(session: Session, *, edge_id: str) -> int:
 def record_desired(
     session: Session, *, edge_id: str, revision: int, model_version_id: int | None, payload: dict[str, Any]
 ) -> DesiredRevision:
+    """Remember the desired state last sent to an edge: its revision, model and message."""
     current = session.get(DesiredRevision, edge_id)
     if current is None:
         current = DesiredRevision(edge_id=edge_id, revision=revision, payload=payload)
@@ -550,6 +615,8 @@ def create_deployment(
 def update_deployment_target(
     session: Session, *, edge_id: str, revision: int, stage: str, ok: bool, reason: str | None
 ) -> DeploymentTarget | None:
+    """Record how far an edge got deploying one revision (stage, ok, reason); None when
+    that revision was not part of a deployment."""
     target = session.scalar(
         select(DeploymentTarget).where(
             DeploymentTarget.edge_id == edge_id, DeploymentTarget.revision == revision
@@ -570,8 +637,10 @@ def update_deployment_target(
 def audit(
     session: Session, *, actor: str, action: str, target: str, detail: dict[str, Any] | None = None
 ) -> None:
+    """Add an entry to the audit log: who (``actor``) did what (``action``) to what (``target``)."""
     session.add(AuditLog(actor=actor, action=action, target=target, detail=detail or {}))
 
 
 def list_audit(session: Session, *, limit: int = 100) -> list[AuditLog]:
+    """The newest audit log entries, newest first."""
     return list(session.scalars(select(AuditLog).order_by(AuditLog.id.desc()).limit(limit)))

@@ -10,11 +10,12 @@ from pathlib import Path
 from typing import Any
 
 from sqlalchemy import Engine, create_engine, event
+from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, sessionmaker
 
 logger = logging.getLogger(__name__)
 
-MIGRATIONS_DIR = Path(__file__).resolve().parent.parent / "migrations"
+MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
 
 
 def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
@@ -36,6 +37,7 @@ def _ensure_wal(cursor: Any) -> None:
 
 
 def make_engine(url: str) -> Engine:
+    """A new engine for ``url``; SQLite gets its directory, a 30 s lock timeout and the pragmas above."""
     if url.startswith("sqlite"):
         path = url.split("///", 1)[1] if "///" in url else ""
         if path and path != ":memory:":
@@ -53,6 +55,7 @@ def engine_for(url: str) -> Engine:
 
 
 def session_factory(url: str) -> sessionmaker[Session]:
+    """Sessions on the URL's shared engine; objects stay readable after commit."""
     return sessionmaker(engine_for(url), expire_on_commit=False)
 
 
@@ -70,8 +73,31 @@ def session_scope(url: str) -> Iterator[Session]:
         session.close()
 
 
+def lock_for_write(session: Session) -> None:
+    """Take SQLite's write lock now (waiting up to its busy timeout); a no-op on other databases.
+
+    A transaction that reads before it writes would otherwise be refused the upgrade to a write at
+    once ("database is locked", SQLITE_BUSY_SNAPSHOT, no busy wait) if another connection committed
+    in between."""
+    if session.get_bind().dialect.name == "sqlite":
+        session.connection().exec_driver_sql("BEGIN IMMEDIATE")
+
+
+@contextmanager
+def savepoint(session: Session) -> Iterator[None]:
+    """A nested transaction: an error inside rolls back only what was done inside."""
+    with session.begin_nested():
+        yield
+
+
+def has_changes(session: Session) -> bool:
+    """Whether the session holds new or modified objects not yet flushed."""
+    return bool(session.dirty or session.new)
+
+
 def alembic_config(url: str) -> Any:
-    from alembic.config import Config  # noqa: PLC0415
+    """Alembic's config for ``url``: this package's migrations, and the caller's logging left alone."""
+    from alembic.config import Config  # noqa: PLC0415  (Alembic: only migrations need it)
 
     config = Config()
     config.set_main_option("script_location", str(MIGRATIONS_DIR))
@@ -85,7 +111,7 @@ def upgrade(url: str, revision: str = "head") -> None:
     alembic_logger = logging.getLogger("alembic")
     if not alembic_logger.isEnabledFor(logging.DEBUG):
         alembic_logger.setLevel(logging.WARNING)  # a line per plugin and step is noise at INFO
-    from alembic import command  # noqa: PLC0415
+    from alembic import command  # noqa: PLC0415  (Alembic: only migrations need it)
 
     if url.startswith("sqlite") and "///" in url:
         path = url.split("///", 1)[1]
@@ -104,12 +130,11 @@ def upgrade(url: str, revision: str = "head") -> None:
 
 
 def downgrade(url: str, revision: str = "base") -> None:
-    from alembic import command  # noqa: PLC0415
+    """Take the registry at ``url`` back to ``revision`` with Alembic (the migration tests use it)."""
+    from alembic import command  # noqa: PLC0415  (Alembic: only migrations need it)
 
     command.downgrade(alembic_config(url), revision)
 
 
 def _safe(url: str) -> str:
-    from sqlalchemy.engine import make_url  # noqa: PLC0415
-
     return make_url(url).render_as_string(hide_password=True)

@@ -80,6 +80,8 @@ def create_rollout(
     params: dict[str, Any],
     created_by: str,
 ) -> Rollout:
+    """Record a rollout of ``model`` over the planned waves, all targets pending, each with the
+    model it runs now (its rollback target)."""
     rollout = Rollout(
         rollout_id=rollout_id,
         model_version_id=model.id,
@@ -111,6 +113,7 @@ def create_rollout(
 
 
 def get_rollout(session: Session, *, rollout_id: str) -> Rollout:
+    """The rollout with id ``rollout_id`` (``NotFoundError`` if there is none)."""
     rollout = session.scalar(select(Rollout).where(Rollout.rollout_id == rollout_id))
     if rollout is None:
         raise NotFoundError(f"rollout {rollout_id} does not exist")
@@ -118,7 +121,42 @@ def get_rollout(session: Session, *, rollout_id: str) -> Rollout:
 
 
 def list_rollouts(session: Session, *, limit: int = 50) -> list[Rollout]:
+    """The newest rollouts, newest first."""
     return list(session.scalars(select(Rollout).order_by(Rollout.id.desc()).limit(limit)))
+
+
+def current_desired(session: Session, *, edge_id: str) -> DesiredRevision | None:
+    """The last desired-state revision recorded for an edge."""
+    return session.get(DesiredRevision, edge_id)
+
+
+def model_by_id(session: Session, *, model_id: int | None) -> ModelVersion | None:
+    """A model version by its row id (None for None or a missing row)."""
+    return session.get(ModelVersion, model_id) if model_id else None
+
+
+def rollout_of_model(session: Session, *, model_version_id: int) -> str | None:
+    """The id of the first rollout started for a model version, if any."""
+    found = session.scalar(
+        select(Rollout.rollout_id).where(Rollout.model_version_id == model_version_id).order_by(Rollout.id)
+    )
+    return str(found) if found is not None else None
+
+
+def running_rollouts_of(session: Session, *, model_name: str, except_model_version_id: int) -> list[str]:
+    """Running rollouts of other versions of ``model_name``."""
+    return list(
+        session.scalars(
+            select(Rollout.rollout_id)
+            .join(ModelVersion, ModelVersion.id == Rollout.model_version_id)
+            .where(
+                ModelVersion.name == model_name,
+                Rollout.state == "running",
+                Rollout.model_version_id != except_model_version_id,
+            )
+            .order_by(Rollout.id)
+        )
+    )
 
 
 def rollouts_to_tick(session: Session) -> list[str]:
@@ -146,10 +184,12 @@ def acquire_lease(session: Session, *, rollout_id: str, seconds: float) -> bool:
 
 
 def release_lease(session: Session, *, rollout_id: str) -> None:
+    """Give the rollout's lease back so the next tick may take it at once."""
     session.execute(update(Rollout).where(Rollout.rollout_id == rollout_id).values(lease_until=None))
 
 
 def deployment_target(session: Session, *, edge_id: str, revision: int) -> DeploymentTarget | None:
+    """How far ``edge_id`` got with desired revision ``revision``, if it was part of a deployment."""
     return session.scalar(
         select(DeploymentTarget).where(
             DeploymentTarget.edge_id == edge_id, DeploymentTarget.revision == revision
@@ -158,6 +198,7 @@ def deployment_target(session: Session, *, edge_id: str, revision: int) -> Deplo
 
 
 def get_edge(session: Session, *, edge_id: str) -> EdgeNode | None:
+    """The edge with id ``edge_id``, or None."""
     return session.scalar(select(EdgeNode).where(EdgeNode.edge_id == edge_id))
 
 
@@ -172,6 +213,8 @@ def metrics_of(
     since: float = 0.0,
     until: float | None = None,
 ) -> list[dict[str, Any]]:
+    """An edge's metrics reports (as sent) while it ran ``model_version``, between ``since`` and
+    ``until``, oldest first: the input of the wave gates."""
     query = select(EdgeMetricsRecord).where(
         EdgeMetricsRecord.edge_id == edge_id,
         EdgeMetricsRecord.model_version == model_version,
@@ -185,6 +228,8 @@ def metrics_of(
 def teacher_pairs(
     session: Session, *, edge_ids: Sequence[str], model_version: str, since: float
 ) -> list[tuple[str, str]]:
+    """(edge prediction, teacher label) of the samples ``edge_ids`` uplinked under ``model_version``
+    since ``since``: the input of the teacher agreement gate."""
     rows = session.execute(
         select(Sample.predicted, Sample.label).where(
             Sample.edge_id.in_(list(edge_ids)),
@@ -245,6 +290,7 @@ def _edge_row(session: Session, edge: EdgeNode, groups: dict[int, str]) -> dict[
 
 
 def fleet_edge(session: Session, *, edge_id: str) -> dict[str, Any]:
+    """One edge's ``fleet_edges`` row, plus its latest metrics report and its devices."""
     edge = get_edge(session, edge_id=edge_id)
     if edge is None:
         raise NotFoundError(f"edge {edge_id} is not in the registry")
@@ -357,6 +403,7 @@ def set_device_config(
 
 
 def device_desired_config(session: Session, *, device_id: str) -> DeviceDesiredConfig | None:
+    """The device's desired config revision, or None when none was ever set."""
     return session.get(DeviceDesiredConfig, device_id)
 
 
@@ -385,6 +432,7 @@ def device_configs_to_publish(session: Session, *, now: float, stale_s: float) -
 
 
 def mark_device_config_published(session: Session, *, device_id: str, revision: int) -> None:
+    """Stamp ``revision`` as taken by the broker, unless a newer revision replaced it meanwhile."""
     current = session.get(DeviceDesiredConfig, device_id)
     if current is not None and current.revision == revision:
         current.published_at = time.time()
@@ -435,6 +483,7 @@ def fleet_devices(session: Session) -> list[dict[str, Any]]:
 
 
 def get_device(session: Session, *, device_id: str) -> Device | None:
+    """The device with id ``device_id``, or None."""
     return session.scalar(select(Device).where(Device.device_id == device_id))
 
 
@@ -476,6 +525,7 @@ def fleet_device(session: Session, *, device_id: str) -> dict[str, Any]:
 
 
 def devices_of(session: Session, *, edge_id: str) -> list[Device]:
+    """The devices recorded behind ``edge_id``, by id."""
     return list(session.scalars(select(Device).where(Device.edge_id == edge_id).order_by(Device.device_id)))
 
 
@@ -490,6 +540,7 @@ def devices_in_group(session: Session, *, tag: str) -> list[Device]:
 
 
 def edges_in_group(session: Session, *, tag: str) -> list[EdgeNode]:
+    """Edges in the group called ``tag`` or carrying the tag ``tag``."""
     group = session.scalar(select(Group).where(Group.name == tag))
     return [
         e
@@ -499,6 +550,7 @@ def edges_in_group(session: Session, *, tag: str) -> list[EdgeNode]:
 
 
 def commands_by_id(session: Session, *, command_ids: Sequence[str]) -> list[CommandRecord]:
+    """The recorded commands with these ids (with their acks, once they came)."""
     return list(session.scalars(select(CommandRecord).where(CommandRecord.command_id.in_(list(command_ids)))))
 
 
@@ -506,6 +558,7 @@ def commands_by_id(session: Session, *, command_ids: Sequence[str]) -> list[Comm
 
 
 def add_token(session: Session, *, name: str, role: str, token_hash: str, prefix: str) -> ApiToken:
+    """Store a new API token by its hash; a name already taken is a ``ValueError``."""
     if session.scalar(select(ApiToken).where(ApiToken.name == name)) is not None:
         raise ValueError(f"a token called {name!r} exists already")
     token = ApiToken(name=name, role=role, token_hash=token_hash, prefix=prefix)
@@ -515,10 +568,12 @@ def add_token(session: Session, *, name: str, role: str, token_hash: str, prefix
 
 
 def list_tokens(session: Session) -> list[ApiToken]:
+    """Every API token, oldest first, revoked ones included."""
     return list(session.scalars(select(ApiToken).order_by(ApiToken.id)))
 
 
 def revoke_token(session: Session, *, name: str) -> ApiToken:
+    """Revoke the token called ``name`` (idempotent; ``NotFoundError`` if there is none)."""
     token = session.scalar(select(ApiToken).where(ApiToken.name == name))
     if token is None:
         raise NotFoundError(f"no token called {name!r}")
@@ -528,6 +583,7 @@ def revoke_token(session: Session, *, name: str) -> ApiToken:
 
 
 def token_by_hash(session: Session, *, token_hash: str) -> ApiToken | None:
+    """The token whose secret hashes to ``token_hash`` (how the API authenticates), or None."""
     return session.scalar(select(ApiToken).where(ApiToken.token_hash == token_hash))
 
 

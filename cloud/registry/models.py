@@ -37,11 +37,15 @@ def _now() -> float:
 
 
 class Base(DeclarativeBase):
+    """Declarative base of every registry table: stable constraint names, JSON for dicts and lists."""
+
     metadata = MetaData(naming_convention=NAMING)
     type_annotation_map = {dict[str, Any]: JSON, list[Any]: JSON}
 
 
 class Group(Base):
+    """A named group of edges and devices; ``--group`` targets its members."""
+
     __tablename__ = "groups"
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
@@ -51,6 +55,8 @@ class Group(Base):
 
 
 class EdgeNode(Base):
+    """An edge node as last heard from: online state, the model it runs and the state it reported."""
+
     __tablename__ = "edge_nodes"
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
@@ -66,6 +72,8 @@ class EdgeNode(Base):
 
 
 class Device(Base):
+    """A device as its edges report it: the edge it is behind, online state and what its birth said."""
+
     __tablename__ = "devices"
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
@@ -142,6 +150,9 @@ class Sample(Base):
 
 
 class ModelVersion(Base):
+    """One built model (``name@version``, one variant): lineage, metrics, artifact, signature, gate
+    verdict and status."""
+
     __tablename__ = "model_versions"
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
@@ -177,10 +188,13 @@ class ModelVersion(Base):
 
     @property
     def ref(self) -> str:
+        """``name@version``: how the CLI, the API and manifests name a model."""
         return f"{self.name}@{self.version}"
 
 
 class Deployment(Base):
+    """One model sent to a set of edges, by hand, by the pipeline or by a rollout wave."""
+
     __tablename__ = "deployments"
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
@@ -192,6 +206,8 @@ class Deployment(Base):
 
 
 class DeploymentTarget(Base):
+    """One edge of a deployment: the desired revision it was sent and how far the edge got with it."""
+
     __tablename__ = "deployment_targets"
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
@@ -220,6 +236,8 @@ class DesiredRevision(Base):
 
 
 class CommandRecord(Base):
+    """A command sent to a device: sender, expiry and, once it came, the device's ack."""
+
     __tablename__ = "commands"
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
@@ -237,6 +255,8 @@ class CommandRecord(Base):
 
 
 class Decision(Base):
+    """A local decision an edge took on a device's window: the rule, the class and its probability."""
+
     __tablename__ = "decisions"
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
@@ -252,6 +272,9 @@ class Decision(Base):
 
 
 class EdgeMetricsRecord(Base):
+    """One edge metrics report: what the gates and triggers query as columns, the whole report in
+    ``data``."""
+
     __tablename__ = "edge_metrics"
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
@@ -271,6 +294,8 @@ class EdgeMetricsRecord(Base):
 
 
 class DeadLetterRecord(Base):
+    """A message that could not be processed, kept (truncated) with its reason for inspection."""
+
     __tablename__ = "dead_letters"
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
@@ -292,6 +317,8 @@ class ProcessedMessage(Base):
 
 
 class PipelineRun(Base):
+    """One run of the learning pipeline for a model name: its config, state, error and recorded steps."""
+
     __tablename__ = "pipeline_runs"
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
@@ -322,6 +349,8 @@ class LineageEvent(Base):
 
 
 class Trigger(Base):
+    """A retraining trigger that fired: its kind, the reason, and the run it started."""
+
     __tablename__ = "triggers"
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
@@ -336,6 +365,8 @@ class Trigger(Base):
 
 
 class AuditLog(Base):
+    """One audited action of an operator or the engine: who did what to what, with details."""
+
     __tablename__ = "audit_log"
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
@@ -352,7 +383,7 @@ class AuditLog(Base):
 class Rollout(Base):
     """A staged deployment of one model: canary cohort then waves, each gated on health and quality.
 
-    The engine (``cloud.rollouts``) keeps all of its state here so a restarted cloud resumes it."""
+    The engine (``cloud.fleet.rollouts``) keeps all of its state here so a restarted cloud resumes it."""
 
     __tablename__ = "rollouts"
 

@@ -60,6 +60,8 @@ class SmokeError(Exception):
 
 @dataclass
 class Observed:
+    """What the smoke check has seen on the broker so far, per edge and per device."""
+
     edge_versions: dict[str, str | None] = field(default_factory=dict)
     edge_online: set[str] = field(default_factory=set)
     edge_windows: dict[str, int] = field(default_factory=dict)
@@ -72,6 +74,8 @@ class Observed:
 
 
 class Smoke:
+    """One smoke run: a subscriber on the fleet's topics that waits for each stage in turn."""
+
     def __init__(self, settings: MqttSettings, *, edges: list[str], devices: int, rule: str) -> None:
         self.topics: Topics = settings.topics
         self.edges = edges
@@ -84,6 +88,7 @@ class Smoke:
 
     # -- wire ----------------------------------------------------------------------------------
     def connect(self, timeout: float) -> None:
+        """Subscribe to the topics the stages read and connect (``SmokeError`` on timeout)."""
         for kind in (DeviceTopic.STATUS, DeviceTopic.TELEMETRY, DeviceTopic.CMD, DeviceTopic.ACK):
             self.link.subscribe(self.topics.all_devices(kind), qos=1)
         for edge_kind in (EdgeTopic.STATUS, EdgeTopic.DECISION, EdgeTopic.METRICS):
@@ -95,6 +100,7 @@ class Smoke:
             )
 
     def drain(self, wait_s: float = POLL_S) -> None:
+        """Record every message that arrives within ``wait_s``; undecodable ones are counted, not fatal."""
         deadline = time.monotonic() + wait_s
         while True:
             try:
@@ -154,27 +160,33 @@ class Smoke:
         print(f"[{time.monotonic() - self.started:6.1f} s] ok: {what}", flush=True)
 
     def models_on_edges(self) -> bool:
+        """Stage 1: every expected edge is online and reports a model version."""
         return all(edge in self.seen.edge_online and self.seen.edge_versions.get(edge) for edge in self.edges)
 
     def devices_streaming(self) -> bool:
+        """Stage 2: at least ``min_devices`` online devices have sent two windows or more."""
         flowing = [d for d in self.seen.devices_online if self.seen.windows.get(d, 0) >= 2]
         return len(flowing) >= self.min_devices
 
     def edges_processing(self) -> bool:
+        """Stage 3: every expected edge has processed windows (its metrics say so)."""
         return all(self.seen.edge_windows.get(edge, 0) > 0 for edge in self.edges)
 
     def send(self, device_id: str, name: CommandName, args: dict[str, JsonValue]) -> Command:
+        """Send a command to a device as the smoke check, on the device's command topic."""
         command = Command.create(device_id=device_id, name=name, args=args, ttl_s=60.0, sender=SENDER)
         self.link.publish(self.topics.command(device_id), encode_message(command), qos=1)
         return command
 
     def acked_ok(self, command_id: str) -> bool:
+        """Whether the device acked the command; an error ack fails the check at once."""
         ack = self.seen.acks.get(command_id)
         if ack is not None and not ack.ok:
             raise SmokeError(f"device refused command {command_id}: {ack.status} {ack.error}")
         return ack is not None
 
     def loop_decision(self, device_id: str, since: float) -> Decision | None:
+        """The decision of the smoke rule on ``device_id`` since ``since`` that sent it a command, if any."""
         for decision in self.seen.decisions:
             if (
                 decision.device_id == device_id
@@ -186,6 +198,7 @@ class Smoke:
         return None
 
     def run(self, timeout: float) -> dict[str, object]:
+        """Run the stages in order within ``timeout``, then the closed loop; returns what passed, as JSON."""
         deadline = self.started + timeout
         self.connect(max(1.0, deadline - time.monotonic()))
         self.wait_for(
@@ -239,6 +252,7 @@ class Smoke:
         }
 
     def summary(self) -> str:
+        """What has been seen so far, as one JSON line (progress lines and failure messages)."""
         seen = self.seen
         return json.dumps(
             {
@@ -257,10 +271,12 @@ class Smoke:
         )
 
     def close(self) -> None:
+        """Stop the MQTT link."""
         self.link.stop()
 
 
 def main() -> int:
+    """Entry point of the ``smoke`` service: settings from the environment; exit 0 if it passes, else 1."""
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     env = os.environ
     settings = MqttSettings(

@@ -57,12 +57,15 @@ class Sensor(ABC):
         return None
 
     def set_rate(self, rate_hz: float) -> None:
+        """Follow a new sampling rate."""
         self.rate_hz = rate_hz
 
     def inject_fault(self, fault: str, severity: float) -> None:  # noqa: ARG002  (hook)
+        """Simulate ``fault`` at ``severity``; real sensors refuse (``CommandError``)."""
         raise CommandError(f"sensor {self.name!r} does not simulate faults")
 
     def clear_fault(self) -> None:
+        """Stop simulating a fault; real sensors refuse (``CommandError``)."""
         raise CommandError(f"sensor {self.name!r} does not simulate faults")
 
     def update_options(self, changes: Mapping[str, Any]) -> SensorOptions:
@@ -77,6 +80,7 @@ class Sensor(ABC):
         return options
 
     def apply_options(self, options: SensorOptions) -> None:  # noqa: ARG002  (hook)
+        """Apply validated options to the running sensor; by default refused (restart it)."""
         raise CommandError(f"sensor {self.name!r} cannot change options while running; restart it")
 
     def restart(self) -> None:

@@ -30,6 +30,8 @@ STOP_GRACE_S: Final = 2.0
 
 
 class CommandOptions(SensorOptions):
+    """Options of the ``command`` sensor: the program to run and how to read its output."""
+
     argv: list[str] = Field(min_length=1, description="program and arguments (no shell)")
     channels: int | list[str] = Field(default=3, description="number of channels or their names")
     timeout_s: float = Field(default=5.0, gt=0, description="restart the program after this long silent")
@@ -47,6 +49,8 @@ class CommandOptions(SensorOptions):
 
 @register_sensor("command")
 class CommandSensor(Sensor):
+    """Reads samples from a program's standard output, one line per sample; restarts it when it stops."""
+
     Options = CommandOptions
     self_paced = True
 
@@ -70,9 +74,11 @@ class CommandSensor(Sensor):
 
     @property
     def channels(self) -> tuple[str, ...]:
+        """The channel names."""
         return self._channels
 
     def open(self) -> None:
+        """Start the program and the thread that reads and supervises it."""
         self._stop.clear()
         self._spawn()
         self._thread = threading.Thread(target=self._supervise, name="sensor-command", daemon=True)
@@ -158,11 +164,13 @@ class CommandSensor(Sensor):
                 proc.wait()
 
     def read(self, n_samples: int) -> list[Row]:
+        """Up to ``n_samples`` rows received since the last read (fewer when the program is slower)."""
         with self._lock:
             count = min(n_samples, len(self._buffer))
             return [self._buffer.popleft() for _ in range(count)]
 
     def close(self) -> None:
+        """Stop the program and its reader thread."""
         self._stop.set()
         if self._thread is not None:
             self._thread.join(STOP_GRACE_S + WATCHDOG_INTERVAL_S + 1)
@@ -172,6 +180,7 @@ class CommandSensor(Sensor):
             self._proc = None
 
     def stats(self) -> dict[str, int]:
+        """Counts of lines read, bad lines and restarts."""
         with self._lock:
             return {
                 "lines": self.lines,

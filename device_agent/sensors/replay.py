@@ -22,6 +22,8 @@ from device_agent.sensors.base import Row, Sensor, SensorOptions, register_senso
 
 
 class ReplayOptions(SensorOptions):
+    """Options of the ``replay`` sensor: the recorded file and its columns."""
+
     path: Path = Field(description=".npz or .csv file")
     label_column: str = Field(default="label", description="CSV column holding the ground truth, if present")
     channels: list[str] | None = Field(default=None, description="channel names (default: header or c0..)")
@@ -29,6 +31,8 @@ class ReplayOptions(SensorOptions):
 
 @register_sensor("replay")
 class ReplaySensor(Sensor):
+    """Plays a recorded .npz or .csv file back at the sampling rate, looping at its end."""
+
     Options = ReplayOptions
 
     def __init__(self, options: SensorOptions, *, rate_hz: float) -> None:
@@ -44,17 +48,21 @@ class ReplaySensor(Sensor):
 
     @property
     def channels(self) -> tuple[str, ...]:
+        """The channel names."""
         return self._channels
 
     @property
     def label(self) -> str | None:
+        """The recorded ground truth of the last sample read, if the file has one."""
         return self._label
 
     @property
     def samples(self) -> int:
+        """How many samples the file holds."""
         return len(self._labels)
 
     def open(self) -> None:
+        """Load the file; ``SensorError`` when it is missing or malformed."""
         path = self._opts.path
         if not path.is_file():
             raise SensorError(f"replay file {path} does not exist")
@@ -146,6 +154,7 @@ class ReplaySensor(Sensor):
         return names
 
     def read(self, n_samples: int) -> list[Row]:
+        """The next ``n_samples`` rows, wrapping around at the end of the recording."""
         width = len(self._channels)
         total = len(self._labels)
         values = self._values
@@ -163,10 +172,12 @@ class ReplaySensor(Sensor):
         return out
 
     def restart(self) -> None:
+        """Start again from the first sample."""
         self._pos = 0
         self._label = None
 
     def stats(self) -> dict[str, int]:
+        """How many times the recording looped."""
         return {"loops": self.loops}
 
 

@@ -18,6 +18,8 @@ from device_agent.sensors.vibration import (
 
 
 class SimulatedOptions(SensorOptions):
+    """Options of the ``simulated`` sensor: machine, sensor and fault parameters."""
+
     rpm: float = Field(default=DEFAULT_RPM, gt=0, le=100_000, description="shaft speed")
     gain: float = Field(default=1.0, gt=0, le=1000, description="sensor sensitivity multiplier")
     noise: float = Field(default=DEFAULT_NOISE, ge=0, le=10, description="white noise, g (1 sigma)")
@@ -32,6 +34,8 @@ class SimulatedOptions(SensorOptions):
 
 @register_sensor("simulated")
 class SimulatedSensor(Sensor):
+    """A simulated 3-axis vibration sensor on a rotating machine (``VibrationSimulator``)."""
+
     Options = SimulatedOptions
 
     def __init__(self, options: SensorOptions, *, rate_hz: float) -> None:
@@ -60,24 +64,30 @@ class SimulatedSensor(Sensor):
 
     @property
     def channels(self) -> tuple[str, ...]:
+        """The channel names (x, y, z)."""
         return CHANNELS
 
     def read(self, n_samples: int) -> list[Row]:
+        """The next ``n_samples`` rows of the simulated signal."""
         return self.sim.read(n_samples)  # type: ignore[return-value]
 
     @property
     def label(self) -> str | None:
+        """Ground truth: the simulated machine's current class."""
         return self.sim.label
 
     @property
     def fault(self) -> str | None:
+        """The fault being simulated, if any."""
         return self.sim.fault
 
     def set_rate(self, rate_hz: float) -> None:
+        """Follow a new sampling rate."""
         super().set_rate(rate_hz)
         self.sim.rate_hz = rate_hz
 
     def inject_fault(self, fault: str, severity: float) -> None:
+        """Simulate ``fault`` at ``severity`` from now on; ``CommandError`` for an unknown one."""
         if fault not in FAULTS:
             raise CommandError(f"unknown fault {fault!r}; expected one of {', '.join(FAULTS)}")
         try:
@@ -86,9 +96,11 @@ class SimulatedSensor(Sensor):
             raise CommandError(str(exc)) from exc
 
     def clear_fault(self) -> None:
+        """Simulate a normal machine again."""
         self.sim.clear_fault()
 
     def apply_options(self, options: SensorOptions) -> None:
+        """Apply new machine and sensor parameters to the running simulation."""
         assert isinstance(options, SimulatedOptions)
         sim = self.sim
         sim.rpm, sim.gain, sim.noise, sim.drift = options.rpm, options.gain, options.noise, options.drift

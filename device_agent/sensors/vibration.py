@@ -146,6 +146,7 @@ class VibrationSimulator:
     # -- state -----------------------------------------------------------------------------------
     @property
     def drift(self) -> float:
+        """How far the machine and mounting have drifted from how it was trained, 0..1."""
         return self._drift
 
     @drift.setter
@@ -156,10 +157,12 @@ class VibrationSimulator:
 
     @property
     def fault(self) -> str | None:
+        """The fault being simulated, if any."""
         return self._fault
 
     @property
     def severity(self) -> float:
+        """The simulated fault's severity, 0..1 (0 when normal)."""
         return self._severity
 
     @property
@@ -168,6 +171,7 @@ class VibrationSimulator:
         return self._fault or "normal"
 
     def set_fault(self, name: str, severity: float = 1.0) -> None:
+        """Simulate fault ``name`` at ``severity`` (``normal`` clears it)."""
         if _check_class(name) == "normal":
             self.clear_fault()
             return
@@ -179,6 +183,7 @@ class VibrationSimulator:
         self._severity = float(severity)
 
     def clear_fault(self) -> None:
+        """Simulate a normal machine again."""
         self._fault = None
         self._severity = 0.0
 

@@ -7,6 +7,7 @@ from typing import Any, Final, Literal, Self
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from shared.codec import MAX_SAMPLES
 from shared.settings.base import MqttSettings, TierSettings
 from shared.topics import ID_PATTERN
 
@@ -40,11 +41,13 @@ class SensorSettings(BaseModel):
 
 
 class AgentSettings(TierSettings):
+    """Settings of one device agent (YAML file, ``EDGEFLEET_*`` environment, options)."""
+
     device_id: str = Field(pattern=ID_PATTERN)
     broker: MqttSettings = Field(default_factory=MqttSettings)
     sensor: SensorSettings = Field(default_factory=SensorSettings)
     rate_hz: float = Field(default=100.0, gt=0, le=100_000, description="samples per second per channel")
-    window: int = Field(default=100, ge=1, le=65_536, description="samples per window")
+    window: int = Field(default=100, ge=1, le=MAX_SAMPLES, description="samples per window")
     hop: int | None = Field(default=None, ge=1, description="samples between window starts (default: window)")
     encoding: Literal["float32", "int16"] = "float32"
     int16_scale: float = Field(default=0.001, gt=0, description="value per int16 step when encoding is int16")
@@ -76,4 +79,5 @@ class AgentSettings(TierSettings):
 
     @property
     def effective_hop(self) -> int:
+        """Samples between window starts: ``hop``, or the window length when unset."""
         return self.hop or self.window

@@ -26,6 +26,8 @@ _yaml_file: contextvars.ContextVar[Path | None] = contextvars.ContextVar("edgefl
 
 @dataclass(frozen=True, slots=True)
 class BrokerAddress:
+    """The parts of a broker URL: host, port, TLS and credentials."""
+
     host: str
     port: int
     tls: bool
@@ -87,17 +89,21 @@ class MqttSettings(BaseModel):
 
     @property
     def address(self) -> BrokerAddress:
+        """The broker URL, parsed."""
         return parse_broker_url(self.url)
 
     @property
     def topics(self) -> Topics:
+        """The topic names under this broker's prefix."""
         return Topics(self.topic_prefix)
 
     @property
     def use_tls(self) -> bool:
+        """Whether to connect with TLS (``mqtts://`` or a CA file given)."""
         return self.address.tls or self.tls_ca is not None
 
     def credentials(self) -> tuple[str | None, str | None]:
+        """Username and password: the explicit settings first, else those in the URL."""
         addr = self.address
         user = self.username or addr.username
         password = self.password.get_secret_value() if self.password else addr.password
@@ -128,6 +134,7 @@ class TierSettings(BaseSettings):
         dotenv_settings: PydanticBaseSettingsSource,  # noqa: ARG003  (pydantic-settings' signature)
         file_secret_settings: PydanticBaseSettingsSource,  # noqa: ARG003
     ) -> tuple[PydanticBaseSettingsSource, ...]:
+        """Precedence: init arguments, then environment, then the YAML file, then defaults."""
         sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
         path = _yaml_file.get()
         if path is not None:

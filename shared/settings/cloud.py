@@ -8,6 +8,7 @@ from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
 
+from shared.errors import ConfigError
 from shared.settings.base import MqttSettings, TierSettings
 
 
@@ -83,6 +84,8 @@ class S3Settings(BaseModel):
 
 
 class CloudSettings(TierSettings):
+    """Settings of the cloud services: registry, Celery, broker, artifacts, keys, thresholds."""
+
     data_dir: Path = Field(default=Path("var/cloud"), description="registry file, artifacts, dev keys")
     database_url: str | None = Field(
         default=None, description="SQLAlchemy URL; default sqlite:///<data_dir>/registry.db"
@@ -119,18 +122,22 @@ class CloudSettings(TierSettings):
 
     @property
     def resolved_database_url(self) -> str:
+        """The SQLAlchemy URL of the registry (default: SQLite under ``data_dir``)."""
         return self.database_url or f"sqlite:///{(self.data_dir / 'registry.db').resolve()}"
 
     @property
     def resolved_artifact_dir(self) -> Path:
+        """Where model artifacts are stored (default: under ``data_dir``)."""
         return self.artifact_dir or self.data_dir / "artifacts"
 
     @property
     def resolved_broker_url(self) -> str:
+        """Celery's broker URL (default: the Redis URL)."""
         return self.celery_broker_url or self.redis_url
 
     @property
     def resolved_result_url(self) -> str:
+        """Celery's result backend URL (default: the Redis URL)."""
         return self.celery_result_url or self.redis_url
 
     def key_paths(self) -> tuple[Path, Path]:
@@ -140,8 +147,6 @@ class CloudSettings(TierSettings):
         if self.dev_mode:
             keys = self.data_dir / "keys"
             return keys / "signing.key", keys / "signing.pub"
-        from shared.errors import ConfigError  # noqa: PLC0415
-
         raise ConfigError(
             "no signing key configured: set signing_private_key and signing_public_key "
             "(edgefleet cloud keygen writes a pair), or dev_mode for generated development keys"

@@ -28,6 +28,8 @@ class RuntimeSettings(BaseModel):
 
 
 class BatchSettings(BaseModel):
+    """How inference batches windows, and how many workers run them."""
+
     model_config = ConfigDict(extra="forbid")
 
     max_batch: int = Field(default=64, ge=1, le=4096)
@@ -47,6 +49,8 @@ class BatchSettings(BaseModel):
 
 
 class CacheSettings(BaseModel):
+    """The cache of results for windows seen before."""
+
     model_config = ConfigDict(extra="forbid")
 
     enabled: bool = True
@@ -94,6 +98,8 @@ class ModelSettings(BaseModel):
 
 
 class MetricsSettings(BaseModel):
+    """The Prometheus endpoint and the periodic metrics message."""
+
     model_config = ConfigDict(extra="forbid")
 
     port: int = Field(default=9400, ge=0, le=65535, description="Prometheus port; 0 disables the endpoint")
@@ -102,6 +108,8 @@ class MetricsSettings(BaseModel):
 
 
 class EdgeSettings(TierSettings):
+    """Settings of one edge node (YAML file, ``EDGEFLEET_*`` environment, options)."""
+
     edge_id: str = Field(pattern=ID_PATTERN)
     site_broker: MqttSettings = Field(
         default_factory=MqttSettings, description="devices: telemetry, commands"
@@ -139,4 +147,5 @@ class EdgeSettings(TierSettings):
 
     @property
     def cloud(self) -> MqttSettings:
+        """The cloud link's broker: ``cloud_broker``, or the site broker when unset."""
         return self.cloud_broker if self.cloud_broker is not None else self.site_broker

@@ -1,0 +1,83 @@
+"""Dependencies of the admin API routes: settings, the registry URL and a session from the app's
+state, and the bearer-token principal a route needs (``Admin`` or ``Edge`` in its signature).
+
+A missing, unknown, revoked or under-privileged token raises ``AuthError``; the app's exception
+handler answers it (401, or 403 for a valid token of the wrong role)."""
+
+# No "from __future__ import annotations": FastAPI resolves the Annotated aliases at runtime.
+
+from collections.abc import Callable, Iterator
+from typing import Annotated, Any
+
+from fastapi import Depends, Request
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from sqlalchemy.orm import Session
+
+from cloud.api import auth
+from cloud.api.schemas import ErrorDetail
+from cloud.registry.db import session_scope
+from shared.settings.cloud import CloudSettings
+
+
+def get_settings(request: Request) -> CloudSettings:
+    """The settings the app was created with."""
+    settings: CloudSettings = request.app.state.settings
+    return settings
+
+
+def get_database_url(request: Request) -> str:
+    """The registry's database URL."""
+    url: str = request.app.state.database_url
+    return url
+
+
+SettingsDep = Annotated[CloudSettings, Depends(get_settings)]
+DatabaseUrlDep = Annotated[str, Depends(get_database_url)]
+
+
+def get_session(database_url: DatabaseUrlDep) -> Iterator[Session]:
+    """A registry session for one request, committed (or rolled back on an error) when the route returns."""
+    with session_scope(database_url) as session:
+        yield session
+
+
+# scope="function": the session is closed before the response is sent, as a ``with session_scope``
+# block inside the route would be.
+SessionDep = Annotated[Session, Depends(get_session, scope="function")]
+
+
+def bearer_token(request: Request) -> str | None:
+    """The token of an ``Authorization: Bearer <token>`` header, or None."""
+    header = request.headers.get("authorization", "")
+    scheme, _, token = header.partition(" ")
+    return token.strip() if scheme.lower() == "bearer" and token.strip() else None
+
+
+# Only declares the scheme in the OpenAPI document (the "Authorize" button of /docs); the header is
+# read by ``bearer_token`` so that every refusal is an ``AuthError`` with the same answers.
+_bearer_scheme = HTTPBearer(auto_error=False, description="a token from 'edgefleet admin token create'")
+
+
+def require(role: str) -> Callable[..., auth.Principal]:
+    """A dependency: the principal of the request's bearer token, which must be allowed ``role``."""
+
+    def dependency(
+        request: Request,
+        _credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer_scheme)] = None,
+    ) -> auth.Principal:
+        return auth.authenticate(
+            database_url=get_database_url(request), token=bearer_token(request), role=role
+        )
+
+    return dependency
+
+
+# Every route names the role it needs in its signature.
+Admin = Annotated[auth.Principal, Depends(require("admin"))]
+Edge = Annotated[auth.Principal, Depends(require("edge"))]
+
+# The refusals of a route behind a token, for the OpenAPI document.
+AUTH_RESPONSES: dict[int | str, dict[str, Any]] = {
+    401: {"model": ErrorDetail, "description": "missing, unknown or revoked token"},
+    403: {"model": ErrorDetail, "description": "a token whose role may not use this route"},
+}

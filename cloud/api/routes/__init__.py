@@ -1,0 +1,1 @@
+"""The admin API routes, one ``APIRouter`` per resource."""

@@ -1,0 +1,1 @@
+"""Cloud benchmarks (``edgefleet bench compress|rollout``): each prints one JSON object."""

@@ -1,0 +1,1 @@
+"""The operator CLI: one module per command group, shared options and helpers in ``common``."""

@@ -1,0 +1,1 @@
+"""Learning: datasets, training, compression, evaluation, the promotion gate, the pipeline steps."""

@@ -1,0 +1,1 @@
+"""Alembic migrations of the registry (``versions/``); ``cloud.registry.db.upgrade`` runs them."""

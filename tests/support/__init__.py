@@ -1,0 +1,1 @@
+"""Test helpers shared by the suites: real brokers, processes and fixtures, no mocks."""
