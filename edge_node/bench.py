@@ -18,7 +18,6 @@ Each subscriber runs in its own process so that none shares a GIL with the publi
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import itertools
 import json
 import os
@@ -37,7 +36,8 @@ from typing import Any, Final
 import click
 import numpy as np
 
-from edge_node import modelgen
+from edge_node import synthetic
+from edge_node.synthetic import ensure_reference_models
 from shared.codec import encode_window, with_ts
 from shared.mqtt import MqttLink
 from shared.private_broker import MosquittoOptions, PrivateMosquitto, free_port
@@ -125,31 +125,10 @@ def private_mosquitto(workdir: Path, max_inflight: int = BROKER_MAX_INFLIGHT) ->
         yield broker.port
 
 
-def ensure_models() -> dict[str, Path]:
-    """The bench models, built once (TensorFlow in a subprocess) and cached in the temp dir."""
-    source = Path(modelgen.__file__).read_bytes()
-    cache = Path(tempfile.gettempdir()) / f"edgefleet-test-models-{hashlib.sha256(source).hexdigest()[:12]}"
-    if not (cache / "models.json").exists():
-        work = Path(tempfile.mkdtemp(prefix="edgefleet-models-"))
-        env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "CUDA_VISIBLE_DEVICES": ""}
-        subprocess.run(
-            [sys.executable, "-m", "edge_node.modelgen", str(work)], check=True, capture_output=True, env=env
-        )
-        paths = json.loads((work / "models.json").read_text())
-        (work / "models.json").write_text(
-            json.dumps({k: str(cache / Path(v).name) for k, v in paths.items()})
-        )
-        try:
-            work.rename(cache)
-        except OSError:
-            shutil.rmtree(work, ignore_errors=True)
-    return {k: Path(v) for k, v in json.loads((cache / "models.json").read_text()).items()}
-
-
 def _payloads(count: int, *, as_json: bool, prefix: str = "dev") -> list[tuple[str, bytes]]:
     topics = Topics()
     rng = np.random.default_rng(0)
-    base = [modelgen.synthetic_window(c % 4, rng) for c in range(64)]
+    base = [synthetic.synthetic_window(c % 4, rng) for c in range(64)]
     out = []
     for i in range(count):
         device = f"{prefix}-{i % DEVICES:04d}"
@@ -164,7 +143,7 @@ def _payloads(count: int, *, as_json: bool, prefix: str = "dev") -> list[tuple[s
                 seq=seq,
                 ts=time.time(),
                 sample_rate_hz=100.0,
-                channels=modelgen.CHANNELS,
+                channels=synthetic.CHANNELS,
                 values=values,
             )
         out.append((topics.telemetry(device), payload))
@@ -241,7 +220,7 @@ class EdgeProcess:
             "share_group": share_group,
             "site_broker": {"url": f"mqtt://127.0.0.1:{port}", "max_inflight": 1000},
             "data_dir": str(workdir / edge_id),
-            "model": {"path": str(model), "class_names": list(modelgen.CLASS_NAMES)},
+            "model": {"path": str(model), "class_names": list(synthetic.CLASS_NAMES)},
             "metrics": {"port": metrics_port, "publish_interval_s": 1.0},
             "batching": {"max_batch": 64, "max_wait_ms": 0.5, "workers": 1},
             "uplink": {"random_fraction": 0.0, "low_confidence": 0.0, "min_margin": 0.0},
@@ -456,7 +435,7 @@ def _latency(workdir: Path, port: int, model: Path, seconds: float) -> tuple[dic
 @click.option("--json", "as_json", is_flag=True, help="print JSON only (the default output is JSON too)")
 def bench_edge(seconds: float, windows: int, as_json: bool) -> None:  # noqa: ARG001
     """Edge throughput vs the raw broker and a naive pipeline; decision latency; RSS."""
-    models = ensure_models()
+    models = ensure_reference_models()
     model = models["int8"]
     load_before = os.getloadavg()[0]
     total = windows or int(3000 * seconds)

@@ -35,8 +35,9 @@ from urllib.parse import unquote, urlsplit
 
 import numpy as np
 
+from edge_node.errors import DeployError, ModelError
 from edge_node.inference import ActiveModel, ModelHolder
-from edge_node.runtime import Backend, ModelError, ModelRunner, describe_model
+from edge_node.runtime import Backend, ModelRunner, describe_model
 from shared.errors import EdgefleetError, SchemaError, SignatureError
 from shared.schemas import (
     DeploymentProgress,
@@ -56,10 +57,6 @@ logger = logging.getLogger(__name__)
 STATE_FILE: Final = "state.json"
 DOWNLOAD_CHUNK: Final = 1 << 20
 DOWNLOAD_RESUMES: Final = 3  # Range requests after a transfer is cut off
-
-
-class DeployError(EdgefleetError):
-    """A deployment order could not be carried out; the message says which check failed."""
 
 
 @dataclass

@@ -15,7 +15,7 @@ from typing import Any, Final
 
 import numpy as np
 
-from shared.errors import EdgefleetError
+from edge_node.errors import BackendError, ModelError
 from shared.schemas import ModelManifest
 from shared.settings.edge import RuntimeSettings
 
@@ -24,14 +24,6 @@ logger = logging.getLogger(__name__)
 BACKEND_ORDER: Final = ("ai-edge-litert", "tflite-runtime", "tensorflow")
 # Batch sizes are padded up to these buckets so interpreters are not resized for every batch.
 _MIN_BUCKET: Final = 1
-
-
-class BackendError(EdgefleetError):
-    """No backend could be loaded, or a model could not be run."""
-
-
-class ModelError(EdgefleetError):
-    """A model artifact is unusable: wrong shapes or dtypes, not loadable, or bad outputs."""
 
 
 @dataclass(frozen=True, slots=True)

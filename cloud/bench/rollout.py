@@ -27,7 +27,8 @@ from typing import Any
 import click
 import numpy as np
 
-from edge_node import modelgen
+from edge_node import synthetic
+from edge_node.synthetic import ensure_reference_models
 from shared.topics import Topics
 
 logger = logging.getLogger(__name__)
@@ -56,12 +57,12 @@ def register(settings: Any, source: Path, version: str, *, name: str = "vib") ->
         sha256=sha,
         size_bytes=len(content),
         url=store.url(name, version),
-        input_shape=[modelgen.SAMPLES, len(modelgen.CHANNELS)],
+        input_shape=[synthetic.SAMPLES, len(synthetic.CHANNELS)],
         input_dtype="float32",
-        output_shape=[len(modelgen.CLASS_NAMES)],
+        output_shape=[len(synthetic.CLASS_NAMES)],
         output_dtype="float32",
-        class_names=list(modelgen.CLASS_NAMES),
-        channels=list(modelgen.CHANNELS),
+        class_names=list(synthetic.CLASS_NAMES),
+        channels=list(synthetic.CHANNELS),
     )
     manifest = sign(manifest, settings)
     with session_scope(settings.resolved_database_url) as session:
@@ -105,14 +106,14 @@ def run(edges: int, devices_per_edge: int, workdir: Path) -> dict[str, Any]:
     from cloud.ingest import Ingest  # noqa: PLC0415  (SQLAlchemy: not for --help)
     from cloud.registry import fleet  # noqa: PLC0415  (SQLAlchemy: not for --help)
     from cloud.registry.db import session_scope, upgrade  # noqa: PLC0415  (SQLAlchemy: not for --help)
-    from edge_node.bench import ensure_models, private_mosquitto  # noqa: PLC0415  (the edge tier: not for --help)
+    from edge_node.bench import private_mosquitto  # noqa: PLC0415  (the edge tier: not for --help)
     from edge_node.node import EdgeNode  # noqa: PLC0415  (the edge tier: not for --help)
     from shared.codec import encode_window  # noqa: PLC0415  (pydantic: not for --help)
     from shared.mqtt import MqttLink  # noqa: PLC0415  (pydantic, paho: not for --help)
     from shared.settings import EdgeSettings, MqttSettings  # noqa: PLC0415  (pydantic: not for --help)
     from shared.settings.cloud import CloudSettings  # noqa: PLC0415  (pydantic: not for --help)
 
-    models = ensure_models()
+    models = ensure_reference_models()
     with private_mosquitto(workdir) as port:
         url = f"mqtt://127.0.0.1:{port}"
         settings = CloudSettings(
@@ -143,7 +144,7 @@ def run(edges: int, devices_per_edge: int, workdir: Path) -> dict[str, Any]:
                         site_broker=MqttSettings(url=url, topic_prefix=f"site-{edge_id}/v1"),
                         cloud_broker=MqttSettings(url=url),
                         data_dir=workdir / edge_id,
-                        model={"class_names": list(modelgen.CLASS_NAMES), "public_key": public_key},
+                        model={"class_names": list(synthetic.CLASS_NAMES), "public_key": public_key},
                         metrics={"port": 0, "publish_interval_s": 1.0},
                         batching={"max_batch": 16, "max_wait_ms": 2.0, "workers": 1},
                         uplink={"enabled": False},
@@ -160,7 +161,7 @@ def run(edges: int, devices_per_edge: int, workdir: Path) -> dict[str, Any]:
                 for k in range(devices_per_edge)
             ]
             rng = np.random.default_rng(0)
-            samples = [modelgen.synthetic_window(i % 4, rng) for i in range(16)]
+            samples = [synthetic.synthetic_window(i % 4, rng) for i in range(16)]
 
             def feed() -> None:
                 seq = 0
@@ -172,8 +173,8 @@ def run(edges: int, devices_per_edge: int, workdir: Path) -> dict[str, Any]:
                             device_id=device,
                             seq=seq,
                             ts=time.time(),
-                            sample_rate_hz=modelgen.SAMPLE_RATE_HZ,
-                            channels=list(modelgen.CHANNELS),
+                            sample_rate_hz=synthetic.SAMPLE_RATE_HZ,
+                            channels=list(synthetic.CHANNELS),
                             values=samples[seq % len(samples)],
                         )
                         feeder.publish(topic, payload, qos=1)

@@ -16,6 +16,8 @@ from typing import Any
 import numpy as np
 
 from cloud.errors import DatasetError
+from cloud.learning.vibration_dataset import generate_dataset
+from device_agent.sensors.vibration import CLASS_NAMES
 from shared.codec import decode_window
 from shared.errors import CodecError
 
@@ -190,15 +192,6 @@ def _digits() -> Dataset:
 
 
 def _vibration(*, n_windows: int, seed: int, drift: float, options: dict[str, Any]) -> Dataset:
-    try:
-        from device_agent.sensors.vibration import (  # noqa: PLC0415  (the agent's simulator: only this dataset)
-            CLASS_NAMES,
-            generate_dataset,
-        )
-    except ImportError as exc:
-        raise DatasetError(
-            f"the vibration dataset needs device_agent.sensors.vibration (the agent's simulator): {exc}"
-        ) from exc
     window, rate = 100, 100.0
     windows, y = generate_dataset(n_windows, window=window, rate_hz=rate, drift=drift, seed=seed, **options)
     return Dataset(

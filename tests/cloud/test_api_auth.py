@@ -22,7 +22,8 @@ from cloud.api.auth import create_token
 from cloud.fleet import rollouts
 from cloud.registry import crud, fleet
 from cloud.registry.db import session_scope, upgrade
-from edge_node.models import DeployError, fetch_artifact
+from edge_node.errors import DeployError
+from edge_node.models import fetch_artifact
 from shared.cli import cli as edgefleet
 from shared.private_broker import free_port
 from shared.settings import MqttSettings

@@ -30,10 +30,11 @@ from cloud.fleet import rollouts
 from cloud.fleet.desired_state import sign
 from cloud.fleet.wave_gates import window_from_records
 from cloud.ingest import Ingest
+from cloud.learning import reference_models
 from cloud.registry import crud, fleet
 from cloud.registry.db import session_scope, upgrade
 from cloud.registry.models import Deployment, DeploymentTarget
-from edge_node import modelgen
+from edge_node import synthetic
 from edge_node.node import EdgeNode
 from shared.mqtt import MqttLink, Received
 from shared.schemas import EdgeMetrics, encode_message
@@ -59,23 +60,28 @@ WINDOWS_PER_S_PER_EDGE = 40
 REGRESSED_BUILDER = """
 import sys
 import numpy as np
-from edge_node import modelgen
+from cloud.learning import reference_models
+from edge_node import synthetic
 
 # The production architecture and training recipe on the synthetic data with its labels shuffled:
 # it learns no relation between a window and its class (accuracy near chance, low confidence).
-x, y = modelgen.synthetic_dataset(800, 11)
+x, y = synthetic.synthetic_dataset(800, 11)
 y = np.random.default_rng(11).permutation(y)
-model = modelgen._build(modelgen.SAMPLES, 11, train=False)
+model = reference_models.build_model(synthetic.SAMPLES, 11, train=False)
 model.compile(optimizer="adam", loss="sparse_categorical_crossentropy")
 model.fit(x, y, epochs=6, batch_size=32, verbose=0)
-open(sys.argv[1], "wb").write(modelgen._convert(model))
+open(sys.argv[1], "wb").write(reference_models.convert(model))
 """
 
 
 @pytest.fixture(scope="module")
 def regressed_model() -> Path:
-    """A real .tflite trained on shuffled labels (built once, cached by the builder's and modelgen's hash)."""
-    source = REGRESSED_BUILDER.encode() + Path(modelgen.__file__).read_bytes()
+    """A real .tflite trained on shuffled labels (built once, cached by the builders' hash)."""
+    source = (
+        REGRESSED_BUILDER.encode()
+        + Path(synthetic.__file__).read_bytes()
+        + Path(reference_models.__file__).read_bytes()
+    )
     digest = hashlib.sha256(source).hexdigest()[:12]
     path = Path(tempfile.gettempdir()) / f"edgefleet-regressed-{digest}.tflite"
     if not path.exists():

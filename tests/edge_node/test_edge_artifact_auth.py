@@ -28,7 +28,8 @@ from cloud.bench.rollout import register
 from cloud.fleet.desired_state import ensure_keys, publish_desired_state
 from cloud.registry import crud
 from cloud.registry.db import session_scope, upgrade
-from edge_node.models import DOWNLOAD_RESUMES, DeployError, fetch_artifact
+from edge_node.errors import DeployError
+from edge_node.models import DOWNLOAD_RESUMES, fetch_artifact
 from shared.cli import cli as edgefleet
 from shared.private_broker import free_port
 from shared.schemas import DeploymentProgress, DeployStage

@@ -8,11 +8,12 @@ import numpy as np
 import pytest
 
 from edge_node.cache import ResultCache, window_key
+from edge_node.errors import BackendError
 from edge_node.ingest import Deduplicator
-from edge_node.modelgen import synthetic_dataset
 from edge_node.models import derive_manifest
 from edge_node.rules import RuleEngine, RuleSpec, load_rules
-from edge_node.runtime import Backend, BackendError, ModelRunner, load_backend, to_probabilities
+from edge_node.runtime import Backend, ModelRunner, load_backend, to_probabilities
+from edge_node.synthetic import synthetic_dataset
 from edge_node.uplink import HardExampleMiner, UplinkQueue
 from shared.errors import ConfigError
 from shared.schemas import Normalization

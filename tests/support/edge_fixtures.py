@@ -6,13 +6,7 @@ import contextlib
 import functools
 import hashlib
 import http.server
-import json
-import os
 import queue
-import shutil
-import subprocess
-import sys
-import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -23,7 +17,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-import edge_node.modelgen as modelgen
+from edge_node import synthetic
 from edge_node.node import EdgeNode
 from shared.codec import encode_window
 from shared.mqtt import MqttLink
@@ -42,8 +36,8 @@ from shared.settings import EdgeSettings, MqttSettings
 from shared.signing import generate_keypair, load_private_key, sign_manifest
 from shared.topics import Topics
 
-CLASS_NAMES = list(modelgen.CLASS_NAMES)
-CHANNELS = list(modelgen.CHANNELS)
+CLASS_NAMES = list(synthetic.CLASS_NAMES)
+CHANNELS = list(synthetic.CHANNELS)
 WAIT_S = 60.0
 
 
@@ -60,30 +54,8 @@ def wait_for(predicate: Callable[[], Any], what: str, timeout: float = WAIT_S) -
 
 @pytest.fixture(scope="session", name="edge_models")
 def edge_models_fixture() -> dict[str, Path]:
-    """Build the test models once (TensorFlow in a subprocess), cached by the builder's source hash."""
-    source = Path(modelgen.__file__).read_bytes()
-    cache = Path(tempfile.gettempdir()) / f"edgefleet-test-models-{hashlib.sha256(source).hexdigest()[:12]}"
-    if not (cache / "models.json").exists():
-        work = Path(tempfile.mkdtemp(prefix="edgefleet-models-"))
-        env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "CUDA_VISIBLE_DEVICES": ""}
-        proc = subprocess.run(
-            [sys.executable, "-m", "edge_node.modelgen", str(work)],
-            capture_output=True,
-            env=env,
-            check=False,
-            timeout=600,
-        )
-        assert proc.returncode == 0, proc.stderr.decode()[-3000:]
-        paths = {
-            name: str(cache / Path(p).name)
-            for name, p in json.loads((work / "models.json").read_text()).items()
-        }
-        (work / "models.json").write_text(json.dumps(paths))
-        try:
-            work.rename(cache)
-        except OSError:  # another session built them at the same time
-            shutil.rmtree(work, ignore_errors=True)
-    return {name: Path(p) for name, p in json.loads((cache / "models.json").read_text()).items()}
+    """The reference models, built once (TensorFlow in a subprocess) and cached by their sources' hash."""
+    return synthetic.ensure_reference_models()
 
 
 @dataclass
@@ -120,7 +92,7 @@ def manifest_for(
         sha256=sha256 or hashlib.sha256(content).hexdigest(),
         size_bytes=size_bytes or len(content),
         url=url or path.resolve().as_uri(),
-        input_shape=input_shape or [modelgen.SAMPLES, len(CHANNELS)],
+        input_shape=input_shape or [synthetic.SAMPLES, len(CHANNELS)],
         input_dtype=input_dtype,  # type: ignore[arg-type]
         output_shape=[len(CLASS_NAMES)],
         output_dtype=input_dtype,  # type: ignore[arg-type]
@@ -169,12 +141,12 @@ def make_window(
     device_id: str, seq: int, *, cls: int = 0, label: str | None = None, seed: int | None = None
 ) -> bytes:
     rng = np.random.default_rng(seq if seed is None else seed)
-    values = modelgen.synthetic_window(cls, rng)
+    values = synthetic.synthetic_window(cls, rng)
     return encode_window(
         device_id=device_id,
         seq=seq,
         ts=time.time(),
-        sample_rate_hz=modelgen.SAMPLE_RATE_HZ,
+        sample_rate_hz=synthetic.SAMPLE_RATE_HZ,
         channels=CHANNELS,
         values=values,
         label=label,

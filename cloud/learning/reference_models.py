@@ -1,8 +1,6 @@
-"""Build small real .tflite models for tests, the benchmark and local trials.
-
-Needs TensorFlow (the ``cloud`` extra), so the edge process never imports this module's builder:
-tests and ``edgefleet bench edge`` run ``python -m edge_node.modelgen OUT_DIR`` in a subprocess.
-The synthetic data (``synthetic_window``) needs numpy only.
+"""Small real ``.tflite`` reference models for tests, the edge benchmark and local trials, trained on
+``edge_node.synthetic`` windows. Needs TensorFlow: edges and tests run it as a subprocess
+(``python -m cloud.learning.reference_models OUT_DIR``, see ``edge_node.synthetic.ensure_reference_models``).
 
 Models written to OUT_DIR (input: windows of 100 samples x 3 channels, 4 classes):
 
@@ -18,37 +16,16 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Any, Final
+from typing import Any
 
 import numpy as np
 
-SAMPLES: Final = 100
-CHANNELS: Final = ("x", "y", "z")
-CLASS_NAMES: Final = ("normal", "imbalance", "misalignment", "bearing_fault")
-SAMPLE_RATE_HZ: Final = 100.0
+from edge_node.synthetic import CHANNELS, CLASS_NAMES, SAMPLES, synthetic_dataset
 
 
-def synthetic_window(class_index: int, rng: np.random.Generator, samples: int = SAMPLES) -> np.ndarray:
-    """A (samples, 3) float32 window whose dominant frequency depends on the class."""
-    t = np.arange(samples, dtype=np.float32) / SAMPLE_RATE_HZ
-    freq = 3.0 + 6.0 * class_index
-    phase = rng.uniform(0, 2 * np.pi, size=len(CHANNELS)).astype(np.float32)
-    base = np.sin(2 * np.pi * freq * t[:, None] + phase[None, :])
-    noise = rng.normal(0, 0.3, size=(samples, len(CHANNELS)))
-    window: np.ndarray = (base + noise).astype(np.float32)
-    return window
-
-
-def synthetic_dataset(n: int, seed: int, samples: int = SAMPLES) -> tuple[np.ndarray, np.ndarray]:
-    """``n`` labelled synthetic windows (x: windows, y: class indices)."""
-    rng = np.random.default_rng(seed)
-    y = rng.integers(0, len(CLASS_NAMES), size=n)
-    x = np.stack([synthetic_window(int(c), rng, samples) for c in y])
-    return x, y.astype(np.int64)
-
-
-def _build(samples: int, seed: int, *, train: bool = True) -> Any:
-    import keras  # noqa: PLC0415  (TensorFlow only where models are built)
+def build_model(samples: int, seed: int, *, train: bool = True) -> Any:
+    """The reference 1D-CNN (Keras), trained on synthetic windows unless ``train`` is False."""
+    import keras  # noqa: PLC0415  (TensorFlow: imported only when a model is built, not on import)
 
     keras.utils.set_random_seed(seed)
     model = keras.Sequential(
@@ -68,8 +45,9 @@ def _build(samples: int, seed: int, *, train: bool = True) -> Any:
     return model
 
 
-def _convert(model: Any, *, int8: bool = False, samples: int = SAMPLES) -> bytes:
-    import tensorflow as tf  # noqa: PLC0415  (TensorFlow only where models are built)
+def convert(model: Any, *, int8: bool = False, samples: int = SAMPLES) -> bytes:
+    """The ``.tflite`` flatbuffer of ``model``: float32, or full-integer int8 in and out."""
+    import tensorflow as tf  # noqa: PLC0415  (TensorFlow: imported only when a model is built, not on import)
 
     converter = tf.lite.TFLiteConverter.from_keras_model(model)
     if int8:
@@ -90,19 +68,19 @@ def _convert(model: Any, *, int8: bool = False, samples: int = SAMPLES) -> bytes
 def build_all(out_dir: Path) -> dict[str, str]:
     """Build every model into ``out_dir``; return name -> path (also written to models.json)."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    first = _build(SAMPLES, 1)
-    second = _build(SAMPLES, 2)
-    short = _build(SAMPLES // 2, 3, train=False)
-    nan_model = _build(SAMPLES, 4, train=False)
+    first = build_model(SAMPLES, 1)
+    second = build_model(SAMPLES, 2)
+    short = build_model(SAMPLES // 2, 3, train=False)
+    nan_model = build_model(SAMPLES, 4, train=False)
     dense = nan_model.layers[-1]
     kernel, bias = dense.get_weights()
     dense.set_weights([np.full_like(kernel, np.nan), bias])
     artifacts = {
-        "float32": _convert(first),
-        "float32_v2": _convert(second),
-        "int8": _convert(first, int8=True),
-        "short_input": _convert(short, samples=SAMPLES // 2),
-        "nan": _convert(nan_model),
+        "float32": convert(first),
+        "float32_v2": convert(second),
+        "int8": convert(first, int8=True),
+        "short_input": convert(short, samples=SAMPLES // 2),
+        "nan": convert(nan_model),
     }
     paths: dict[str, str] = {}
     for name, content in artifacts.items():
@@ -116,7 +94,7 @@ def build_all(out_dir: Path) -> dict[str, str]:
 
 
 def main() -> None:
-    """``python -m edge_node.modelgen [OUT_DIR]``: build the test models, print their paths as JSON."""
+    """``python -m cloud.learning.reference_models [OUT_DIR]``: build the models, print their paths."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     out = Path(sys.argv[1]) if len(sys.argv) > 1 else Path("var/models")
     paths = build_all(out)
