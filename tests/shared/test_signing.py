@@ -10,7 +10,7 @@ import pytest
 
 from shared.errors import SignatureError
 from shared.signing import generate_keypair, load_private_key, load_public_key, sign_manifest, verify_manifest
-from tests.shared.test_contract_schemas import MANIFEST
+from tests.shared.test_schemas import MANIFEST
 
 
 @pytest.fixture

@@ -15,7 +15,7 @@ from shared.codec import decode_window
 from shared.mqtt import MqttLink
 from shared.schemas import Command, CommandName, encode_message
 from shared.settings import MqttSettings
-from tests.device_agent.test_agent_mqtt import TOPICS, Receiver, agent_settings, wait_for
+from tests.device_agent.test_agent import TOPICS, Receiver, agent_settings, wait_for
 from tests.support.brokers import Mosquitto
 
 DEVICE = "dev-c"
