@@ -421,9 +421,9 @@ def deploy(settings: CloudSettings, config: PipelineConfig, *, run_id: int, mode
     (``config.deploy``). Idempotent: a retried publish finds the rollout it started for this model
     version and starts no second one (a direct deploy repeated is a new revision of the same model,
     which an edge already serving it treats as a no-op)."""
-    deploy = config.deploy
-    mode = deploy.mode
-    if mode == "rollout" and deploy.first_model == "direct" and _is_first_model(settings, config, run_id):
+    plan = config.deploy
+    mode = plan.mode
+    if mode == "rollout" and plan.first_model == "direct" and _is_first_model(settings, config, run_id):
         mode = "direct"
         logger.info("%s has no production predecessor: deployed directly (deploy.first_model)", ref)
     if mode == "direct":
@@ -433,21 +433,20 @@ def deploy(settings: CloudSettings, config: PipelineConfig, *, run_id: int, mode
         return
     with session_scope(settings.resolved_database_url) as session:
         existing = fleet.rollout_of_model(session, model_version_id=model_id)
-    if existing is not None:
-        logger.info("%s: rollout %s already started (publish retried)", ref, existing)
-        return
-    with session_scope(settings.resolved_database_url) as session:
         superseded = fleet.running_rollouts_of(
             session, model_name=config.model_name, except_model_version_id=model_id
         )
+    if existing is not None:
+        logger.info("%s: rollout %s already started (publish retried)", ref, existing)
+        return
     rollout_id = rollouts.start_rollout(
         settings=settings,
         model_ref=ref,
         edge_ids=config.deploy_edges,
-        canary=deploy.canary,
-        waves=deploy.waves,
-        gates={**DEFAULT_GATES, **deploy.gates},
-        params=dict(deploy.params),
+        canary=plan.canary,
+        waves=plan.waves,
+        gates={**DEFAULT_GATES, **plan.gates},
+        params=dict(plan.params),
         actor=f"pipeline run {run_id}",
     )
     # An older rollout of this model name still advancing would push its older model to edges

@@ -6,7 +6,6 @@ registry and real signed manifests; the direct path publishes to a real mosquitt
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -21,7 +20,6 @@ from cloud.learning.pipeline import PipelineConfig
 from cloud.registry import crud, fleet
 from cloud.registry.db import session_scope, upgrade
 from cloud.registry.models import DesiredRevision, PipelineRun
-from cloud.worker.app import use_settings
 from shared.settings import CloudSettings, MqttSettings
 from tests.support.brokers import Mosquitto
 from tests.support.edge_fixtures import manifest_for
@@ -30,13 +28,11 @@ EDGES = ["edge-1", "edge-2", "edge-3"]
 
 
 @pytest.fixture
-def settings(tmp_path: Path) -> Iterator[CloudSettings]:
+def settings(tmp_path: Path) -> CloudSettings:
     settings = CloudSettings(data_dir=tmp_path, dev_mode=True)
     ensure_keys(settings)
     upgrade(settings.resolved_database_url)
-    use_settings(settings)
-    yield settings
-    use_settings(None)
+    return settings
 
 
 def _config(**deploy: object) -> PipelineConfig:

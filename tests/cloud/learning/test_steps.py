@@ -3,7 +3,6 @@ registers the data, adds labelled uplinked samples when asked, and builds a data
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -14,18 +13,15 @@ from cloud.learning import steps
 from cloud.learning.pipeline import PipelineConfig
 from cloud.registry import crud
 from cloud.registry.db import session_scope, upgrade
-from cloud.worker.app import use_settings
 from shared.codec import encode_window
 from shared.settings import CloudSettings
 
 
 @pytest.fixture
-def settings(tmp_path: Path) -> Iterator[CloudSettings]:
+def settings(tmp_path: Path) -> CloudSettings:
     settings = CloudSettings(data_dir=tmp_path, dev_mode=True)
     upgrade(settings.resolved_database_url)
-    use_settings(settings)
-    yield settings
-    use_settings(None)
+    return settings
 
 
 def _toy(path: Path) -> Path:
