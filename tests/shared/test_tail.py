@@ -32,7 +32,9 @@ class Tail:
     """``edgefleet tail`` in a subprocess; stdout and stderr read by threads into queues."""
 
     def __init__(self, *args: str, block_numpy: bool = False) -> None:
-        code = "import sys\n"
+        # A suite started in the background by a shell without job control inherits SIGINT ignored,
+        # and Python then installs no Ctrl-C handler: give the child the one a terminal's tail has.
+        code = "import signal, sys\nsignal.signal(signal.SIGINT, signal.default_int_handler)\n"
         if block_numpy:
             code += "sys.modules['numpy'] = None  # as on a device with only the agent extra\n"
         code += "from shared.cli import main\nsys.argv = ['edgefleet', *sys.argv[1:]]\nmain()\n"
