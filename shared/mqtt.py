@@ -415,32 +415,35 @@ class MqttLink:
             info = self._client.publish(topic, payload, qos=qos, retain=retain)
         except BaseException:
             with self._pending_lock:
-                self._publishing -= 1
-                if not self._publishing:
-                    self._early.clear()
+                self._end_publish(None)
             raise
         rc = info.rc
-        failed = rc not in (MQTTErrorCode.MQTT_ERR_SUCCESS, MQTTErrorCode.MQTT_ERR_NO_CONN)
+        if rc not in (MQTTErrorCode.MQTT_ERR_SUCCESS, MQTTErrorCode.MQTT_ERR_NO_CONN):
+            with self._pending_lock:
+                self._end_publish(None)
+            raise MqttError(f"publish to {topic} failed: {paho.error_string(rc)}")
         handle = PublishHandle(topic, int(info.mid), qos, self._pending_lock, on_done)
+        # One critical section from here to registration: a PUBACK is either in ``_early`` already
+        # or finds the handle in ``_pending``.
         with self._pending_lock:
-            self._publishing -= 1
-            code = self._early.pop(handle.mid, None) if self._early else None
-            if not self._publishing:
-                self._early.clear()
-            if failed:
-                pass
-            elif rc == MQTTErrorCode.MQTT_ERR_NO_CONN and qos == 0:
+            code = self._end_publish(handle.mid)
+            if rc == MQTTErrorCode.MQTT_ERR_NO_CONN and qos == 0:
                 handle._settle(_LOST)  # paho keeps no QoS0 message for later
                 return handle
-            elif code is None:
+            if code is None:
                 self._pending[handle.mid] = handle
                 return handle
-            else:
-                handle._settle(_DONE, code)  # acknowledged before it was registered
-        if failed:
-            raise MqttError(f"publish to {topic} failed: {paho.error_string(rc)}")
+            handle._settle(_DONE, code)  # acknowledged before it was registered
         self._completed(handle)
         return handle
+
+    def _end_publish(self, mid: int | None) -> int | None:
+        """One publisher fewer (``_pending_lock`` held); the PUBACK reason that came early for ``mid``."""
+        self._publishing -= 1
+        code = self._early.pop(mid, None) if mid is not None and self._early else None
+        if not self._publishing:
+            self._early.clear()
+        return code
 
     def stop(self, final: Publication | None = None) -> None:
         """Publish ``final`` (e.g. a retained offline status) if connected, then disconnect."""
