@@ -12,7 +12,6 @@ from __future__ import annotations
 import hashlib
 import http.server
 import threading
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,22 +19,19 @@ from typing import Any
 
 import httpx
 import pytest
-import uvicorn
-from click.testing import CliRunner
 
-from cloud.api import create_app
 from cloud.bench.rollout import register
 from cloud.fleet.desired_state import ensure_keys, publish_desired_state
 from cloud.registry import crud
 from cloud.registry.db import session_scope, upgrade
 from edge_node.errors import DeployError
 from edge_node.models import DOWNLOAD_RESUMES, fetch_artifact
-from shared.cli import cli as edgefleet
 from shared.private_broker import free_port
 from shared.schemas import DeploymentProgress, DeployStage
 from shared.settings import CloudSettings, EdgeSettings, MqttSettings, load_settings
 from shared.settings.edge import ModelSettings
 from shared.topics import EdgeTopic, Topics
+from tests.support.api_server import run_cli, running_api
 from tests.support.brokers import Mosquitto
 from tests.support.edge_fixtures import (
     FakeDevice,
@@ -68,39 +64,15 @@ def api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Api]:
     )
     _, public = ensure_keys(settings)
     upgrade(settings.resolved_database_url)
-    server = uvicorn.Server(
-        uvicorn.Config(create_app(settings), host="127.0.0.1", port=port, log_level="warning")
-    )
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    try:
-        deadline = time.monotonic() + 30
-        while not server.started and time.monotonic() < deadline:
-            time.sleep(0.02)
-        assert server.started, "uvicorn did not start"
-        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30) as client:
-            yield Api(settings, client, public)
-    finally:
-        server.should_exit = True
-        thread.join(10)
-
-
-def _cli(settings: CloudSettings, *args: str) -> str:
-    result = CliRunner().invoke(
-        edgefleet,
-        list(args),
-        env={
-            "EDGEFLEET_DATABASE_URL": settings.resolved_database_url,
-            "EDGEFLEET_DATA_DIR": str(settings.data_dir),
-        },
-        catch_exceptions=False,
-    )
-    assert result.exit_code == 0, result.output
-    return result.output
+    with (
+        running_api(settings, port) as url,
+        httpx.Client(base_url=url, timeout=30) as client,
+    ):
+        yield Api(settings, client, public)
 
 
 def _edge_token(api: Api, name: str) -> str:
-    return _cli(api.settings, "admin", "token", "create", name, "--role", "edge").strip()
+    return run_cli(api.settings, "admin", "token", "create", name, "--role", "edge").strip()
 
 
 def _verdict(ops: Wire, revision: int) -> DeploymentProgress | None:
@@ -204,7 +176,7 @@ def test_edge_with_its_token_deploys_through_the_api_until_the_token_is_revoked(
     assert swapped.stage is DeployStage.SWAPPED, swapped
     assert edge.serves() == "2.0.0" != original
 
-    _cli(api.settings, "admin", "token", "revoke", "edge-1-downloads")
+    run_cli(api.settings, "admin", "token", "revoke", "edge-1-downloads")
     refused = edge.deploy(second)
     assert refused.stage is DeployStage.FAILED
     assert "authentication failed (HTTP 401: the download token was refused)" in (refused.reason or "")

@@ -5,29 +5,23 @@ from __future__ import annotations
 
 import hashlib
 import json
-import threading
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
-import uvicorn
-from click.testing import CliRunner
 from sqlalchemy.orm import Session
 
-from cloud.api import create_app
 from cloud.api.auth import create_token
 from cloud.fleet import rollouts
 from cloud.registry import crud, fleet
 from cloud.registry.db import session_scope, upgrade
 from edge_node.errors import DeployError
 from edge_node.models import fetch_artifact
-from shared.cli import cli as edgefleet
-from shared.private_broker import free_port
 from shared.settings import MqttSettings
 from shared.settings.cloud import CloudSettings
+from tests.support.api_server import run_cli, running_api
 
 ARTIFACT = bytes(range(256)) * 40
 
@@ -55,43 +49,18 @@ def api_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[CloudSet
         model.artifact_sha256 = hashlib.sha256(ARTIFACT).hexdigest()
         model.artifact_size = len(ARTIFACT)
         crud.upsert_edge(session, edge_id="edge-1", state="online", reported={"model_version": "1.0.0"})
-    port = free_port()
-    server = uvicorn.Server(
-        uvicorn.Config(create_app(settings), host="127.0.0.1", port=port, log_level="warning")
-    )
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    try:
-        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30) as client:
-            deadline = time.monotonic() + 30
-            while not server.started and time.monotonic() < deadline:
-                time.sleep(0.02)
-            assert server.started, "uvicorn did not start"
-            yield settings, client, root
-    finally:
-        server.should_exit = True
-        thread.join(10)
-
-
-def _cli(settings: CloudSettings, *args: str) -> str:
-    result = CliRunner().invoke(
-        edgefleet,
-        list(args),
-        env={
-            "EDGEFLEET_DATABASE_URL": settings.resolved_database_url,
-            "EDGEFLEET_DATA_DIR": str(settings.data_dir),
-        },
-        catch_exceptions=False,
-    )
-    assert result.exit_code == 0, result.output
-    return result.output
+    with (
+        running_api(settings) as url,
+        httpx.Client(base_url=url, timeout=30) as client,
+    ):
+        yield settings, client, root
 
 
 def test_tokens_are_stored_hashed_and_refused_when_missing_wrong_or_revoked(
     api_env: tuple[CloudSettings, httpx.Client, Path],
 ) -> None:
     settings, client, _ = api_env
-    secret = _cli(settings, "admin", "token", "create", "ops").strip()
+    secret = run_cli(settings, "admin", "token", "create", "ops").strip()
     assert secret.startswith("eft_")
     with session_scope(settings.resolved_database_url) as session:
         stored = fleet.list_tokens(session)
@@ -106,22 +75,22 @@ def test_tokens_are_stored_hashed_and_refused_when_missing_wrong_or_revoked(
     assert good.status_code == 200
     assert good.json()[0]["edge_id"] == "edge-1"
 
-    _cli(settings, "admin", "token", "revoke", "ops")
+    run_cli(settings, "admin", "token", "revoke", "ops")
     revoked = client.get("/v1/fleet/edges", headers={"Authorization": f"Bearer {secret}"})
     assert revoked.status_code == 401
     assert "revoked" in revoked.json()["detail"]
-    listing = json.loads(_cli(settings, "admin", "token", "list", "--json"))
+    listing = json.loads(run_cli(settings, "admin", "token", "list", "--json"))
     assert listing[0]["revoked"] is True
     assert "token_hash" not in listing[0]
 
     # Who did it is in the audit log, read through the API (a new admin token) and the CLI.
-    auditor = _cli(settings, "admin", "token", "create", "auditor").strip()
+    auditor = run_cli(settings, "admin", "token", "create", "auditor").strip()
     entries = client.get(
         "/v1/audit", params={"action": "token_revoke"}, headers={"Authorization": f"Bearer {auditor}"}
     ).json()
     assert [(e["action"], e["target"]) for e in entries] == [("token_revoke", "ops")]
     assert entries[0]["actor"].startswith("cli")
-    shown = json.loads(_cli(settings, "admin", "audit", "--json", "--limit", "2"))
+    shown = json.loads(run_cli(settings, "admin", "audit", "--json", "--limit", "2"))
     assert [(e["action"], e["target"]) for e in shown] == [
         ("token_create", "auditor"),
         ("token_revoke", "ops"),
@@ -132,7 +101,7 @@ def test_edge_token_downloads_artifacts_with_ranges_but_is_not_an_admin(
     api_env: tuple[CloudSettings, httpx.Client, Path],
 ) -> None:
     settings, client, _ = api_env
-    edge_secret = _cli(settings, "admin", "token", "create", "edge-1-download", "--role", "edge").strip()
+    edge_secret = run_cli(settings, "admin", "token", "create", "edge-1-download", "--role", "edge").strip()
     headers = {"Authorization": f"Bearer {edge_secret}"}
     assert client.get("/v1/artifacts/vib/1.0.0").status_code == 401
     full = client.get("/v1/artifacts/vib/1.0.0", headers=headers)
@@ -156,7 +125,7 @@ def test_edge_downloads_through_the_api_with_its_token(
     the edge's ``model.download_token`` gets it the bytes, a missing or wrong token a DeployError
     naming authentication (the model manager then keeps serving its current model)."""
     settings, client, _ = api_env
-    secret = _cli(settings, "admin", "token", "create", "edge-1-models", "--role", "edge").strip()
+    secret = run_cli(settings, "admin", "token", "create", "edge-1-models", "--role", "edge").strip()
     url = f"{client.base_url}/v1/artifacts/vib/1.0.0/model.tflite"
     digest = hashlib.sha256(ARTIFACT).hexdigest()
     assert fetch_artifact(url, len(ARTIFACT), 30, token=secret, sha256=digest) == ARTIFACT
@@ -166,7 +135,7 @@ def test_edge_downloads_through_the_api_with_its_token(
         fetch_artifact(url, len(ARTIFACT), 30, token="eft_wrong", sha256=digest)
     with pytest.raises(DeployError, match="serves sha256"):  # the header is checked before the body
         fetch_artifact(url, len(ARTIFACT), 30, token=secret, sha256="0" * 64)
-    _cli(settings, "admin", "token", "revoke", "edge-1-models")
+    run_cli(settings, "admin", "token", "revoke", "edge-1-models")
     with pytest.raises(DeployError, match="authentication failed"):
         fetch_artifact(url, len(ARTIFACT), 30, token=secret, sha256=digest)
 

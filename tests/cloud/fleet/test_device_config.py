@@ -12,18 +12,14 @@ import os
 import signal
 import subprocess
 import threading
-import time
 from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
-import uvicorn
 from click.testing import CliRunner
 
-from cloud.api import create_app
 from cloud.api.auth import create_token
 from cloud.errors import DeviceConfigUnpublishedError
 from cloud.fleet.device_config import set_device_config
@@ -38,6 +34,7 @@ from shared.settings import MqttSettings
 from shared.settings.cloud import CloudSettings
 from shared.topics import Topics
 from tests.support.agent_process import start_agent_process
+from tests.support.api_server import running_api
 from tests.support.brokers import Mosquitto, RedisServer
 from tests.support.celery_worker import celery_worker
 from tests.support.edge_fixtures import edge_settings, wait_for
@@ -222,33 +219,13 @@ def test_desired_device_config_converges_when_the_device_reconnects(env: Env) ->
         assert desired.revision == 3
 
 
-@contextmanager
-def _admin_api(settings: CloudSettings) -> Iterator[str]:
-    """The real admin API (uvicorn in a thread) over the test's registry and broker; yields its URL."""
-    port = free_port()
-    server = uvicorn.Server(
-        uvicorn.Config(create_app(settings), host="127.0.0.1", port=port, log_level="warning")
-    )
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + WAIT_S
-    while not server.started and time.monotonic() < deadline:
-        time.sleep(0.02)
-    assert server.started, "uvicorn did not start"
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(10)
-
-
 def test_device_show_and_desired_config_through_the_api(env: Env) -> None:
     """``fleet show|set-config --api``: the same registry functions over HTTP, audited as the token."""
     env.start_edge()
     env.start_agent("pump-3")
     env.wait_device("pump-3", "online behind edge-1", state="online", edge_id="edge-1")
     token = create_token(database_url=env.settings.resolved_database_url, name="ops-alice")
-    with _admin_api(env.settings) as api:
+    with running_api(env.settings) as api:
         through_api = {"EDGEFLEET_API_URL": api, "EDGEFLEET_API_TOKEN": token}
         shown = env.cli("fleet", "show", "pump-3", "--json", env=through_api)
         assert (shown["device_id"], shown["state"], shown["edge_id"]) == ("pump-3", "online", "edge-1")
