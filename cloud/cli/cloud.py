@@ -15,10 +15,6 @@ from cloud.cli.common import (
 from cloud.fleet.desired_state import publish_desired_state
 from shared.signing import generate_keypair
 
-# ------------------------------------------------------------------------------------------------
-# edgefleet cloud
-# ------------------------------------------------------------------------------------------------
-
 
 @click.group()
 def cloud() -> None:

@@ -19,10 +19,6 @@ from cloud.cli.common import (
 )
 from shared.errors import EdgefleetError
 
-# ------------------------------------------------------------------------------------------------
-# edgefleet command
-# ------------------------------------------------------------------------------------------------
-
 
 @click.group()
 def command() -> None:

@@ -23,10 +23,6 @@ from cloud.cli.common import (
 from cloud.errors import CommandRequestError, NotFoundError
 from shared.errors import EdgefleetError
 
-# ------------------------------------------------------------------------------------------------
-# edgefleet fleet
-# ------------------------------------------------------------------------------------------------
-
 
 @click.group()
 def fleet() -> None:

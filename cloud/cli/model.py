@@ -23,10 +23,6 @@ from cloud.cli.common import (
 from shared.errors import EdgefleetError
 from shared.settings.cloud import CloudSettings
 
-# ------------------------------------------------------------------------------------------------
-# edgefleet model
-# ------------------------------------------------------------------------------------------------
-
 
 @click.group()
 def model() -> None:

@@ -25,10 +25,6 @@ from cloud.fleet import wave_gates as gatelib
 from cloud.fleet.wave_gates import DEFAULT_GATES
 from shared.errors import EdgefleetError
 
-# ------------------------------------------------------------------------------------------------
-# edgefleet rollout
-# ------------------------------------------------------------------------------------------------
-
 
 @click.group()
 def rollout() -> None:

@@ -79,14 +79,6 @@ def prepare_sqlite_broker(broker_url: str) -> None:
             conn.default_channel._get_or_create(SQLITE_BROKER_QUEUE)
 
 
-def _rollout_tick_s() -> float:
-    return TICK_S
-
-
-def _device_config_check_s() -> float:
-    return REPUBLISH_CHECK_S
-
-
 def make_app(settings: CloudSettings | None = None) -> Celery:
     """The Celery app for ``settings``: broker, result backend, the task modules and beat's schedule."""
     settings = settings or get_settings()
@@ -119,10 +111,10 @@ def make_app(settings: CloudSettings | None = None) -> Celery:
                 "task": "edgefleet.triggers.check",
                 "schedule": settings.thresholds.trigger_check_s,
             },
-            "tick-rollouts": {"task": "edgefleet.rollouts.tick", "schedule": _rollout_tick_s()},
+            "tick-rollouts": {"task": "edgefleet.rollouts.tick", "schedule": TICK_S},
             "republish-device-config": {
                 "task": "edgefleet.devices.republish_config",
-                "schedule": _device_config_check_s(),
+                "schedule": REPUBLISH_CHECK_S,
             },
         },
     )
