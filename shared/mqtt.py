@@ -7,6 +7,10 @@
 - Callbacks only hand work over: received messages to ``inbox``, connection changes to ``events``,
   acknowledgements to the ``PublishHandle`` each ``publish`` returns (and to that publish's
   ``on_done``, e.g. a queue's ``put``). The owner's own thread does everything else.
+- Network thread: paho's own (``start`` runs ``loop_start``), or, with ``own_loop=True``, the
+  owner's: it calls ``poll`` (select, read, write, keepalive, reconnect) and ``flush`` itself. The
+  edge decides on that thread: a window goes from socket to PUBACK without a thread hand-off, and
+  the acks of a whole batch go out in one ``flush`` instead of waking another thread per message.
 
 Acknowledgements: the link keeps a handle per publish not yet acknowledged, keyed by message id,
 and drops it once completed. paho resends unacknowledged QoS1 messages on every reconnect (clean
@@ -17,8 +21,10 @@ its handle ends ``lost`` at the next connection attempt.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import queue
+import select
 import socket
 import ssl
 import threading
@@ -45,6 +51,8 @@ DISCONNECT_GRACE_S: Final = 2.0
 SESSION_EXPIRY_S: Final = 7 * 24 * 3600
 # MQTT 5 PUBACK reason code: the broker accepted a QoS1 message no subscription matched.
 NO_MATCHING_SUBSCRIBERS: Final = 0x10
+# Owned loop: packets read per ``poll`` at most, so the owner gets to decide on a burst early.
+READ_BURST_MAX: Final = 512
 
 
 @dataclass(frozen=True, slots=True)
@@ -159,6 +167,15 @@ class _DropNotConnected(logging.Filter):
 logging.getLogger(f"{__name__}.paho").addFilter(_DropNotConnected())
 
 
+def _drain(wake: socket.socket) -> None:
+    """Empty a wake-up socket (each byte only meant "look again")."""
+    try:
+        while wake.recv(4096):
+            pass
+    except OSError:  # BlockingIOError included: empty
+        pass
+
+
 def enable_nodelay(sock: Any) -> None:
     """Set TCP_NODELAY on a socket (a no-op for transports without it)."""
     try:
@@ -183,6 +200,7 @@ class MqttLink:
         log: logging.Logger | None = None,
         manual_ack: bool = False,
         mqtt5: bool = False,
+        own_loop: bool = False,
     ) -> None:
         self.settings = settings
         self.client_id = client_id
@@ -249,6 +267,18 @@ class MqttLink:
         client.on_publish = self._on_publish
         client.on_subscribe = self._on_subscribe
         self._client = client
+        self.own_loop = own_loop
+        if own_loop:
+            # paho's external-loop API: with a register-write callback it never writes on the
+            # publishing thread; the owner's ``poll``/``flush`` do. Another thread that queues a
+            # packet wakes the owner's select through a socket pair (made by ``start``).
+            self._wake_r: socket.socket | None = None
+            self._wake_w: socket.socket | None = None
+            client.on_socket_register_write = self._on_register_write
+            self._owner: threading.Thread | None = None
+            self._next_attempt = 0.0
+            self._backoff = float(max(1, round(settings.reconnect_min_s)))
+            self._stopping = False
 
     # -- paho callbacks: hand off only --------------------------------------------------------
     @staticmethod
@@ -263,12 +293,19 @@ class MqttLink:
                 del self._pending[handle.mid]
                 handle._settle(_LOST)
 
+    def _on_register_write(self, _client: paho.Client, _userdata: Any, _sock: Any) -> None:
+        if threading.current_thread() is not self._owner and self._wake_w is not None:
+            with contextlib.suppress(OSError):  # full: the owner is being woken already
+                self._wake_w.send(b"\0")
+
     def _on_connect(
         self, client: paho.Client, _userdata: Any, _flags: Any, reason: ReasonCode, _props: Any
     ) -> None:
         if reason.is_failure:
             self.events.put(LinkEvent(connected=False, reason=f"connect refused: {reason}"))
             return
+        if self.own_loop:
+            self._backoff = float(max(1, round(self.settings.reconnect_min_s)))
         with self._sub_lock:
             subs = list(self._subscriptions.items())
         if subs:
@@ -367,8 +404,109 @@ class MqttLink:
             )
         else:
             self._client.connect_async(addr.host, addr.port, keepalive=self.settings.keepalive_s)
-        self._client.loop_start()
+        if self.own_loop:
+            self._wake_r, self._wake_w = socket.socketpair()
+            self._wake_r.setblocking(False)
+            self._wake_w.setblocking(False)
+            self._stopping = False
+            self._next_attempt = 0.0
+        else:
+            self._client.loop_start()
         self._started = True
+
+    # -- owned loop (``own_loop=True``): the owner's thread is the network thread ----------------
+    def poll(self, timeout: float) -> None:
+        """One turn of the network loop: wait up to ``timeout`` s for traffic, read what arrived
+        (received messages land in ``inbox``), write what is queued, keep alive, reconnect.
+
+        Only for ``own_loop=True``, and only ever from one thread at a time (the owner's; once the
+        owner has stopped, whoever stops the link).
+        """
+        wake = self._wake_r
+        if wake is None:
+            raise MqttError(f"poll() on link {self.client_id!r}: not started, or not an owned loop")
+        self._owner = threading.current_thread()
+        client = self._client
+        sock = client.socket()
+        if sock is None:
+            self._poll_disconnected(wake, timeout)
+            return
+        rlist = [sock, wake]
+        wlist = [sock] if client.want_write() else []
+        buffered = sock.pending() if hasattr(sock, "pending") else 0  # TLS: decrypted, not yet read
+        try:
+            readable, writable, _ = select.select(rlist, wlist, [], 0.0 if buffered else timeout)
+        except (OSError, ValueError):  # the socket was closed under us: paho notices below
+            readable, writable = [], []
+        if wake in readable:
+            _drain(wake)
+        if sock in readable or buffered:
+            self._read_burst(sock)
+        if client.socket() is not None and (writable or client.want_write()):
+            client.loop_write()
+        if client.socket() is not None:
+            client.loop_misc()
+
+    def wake(self) -> None:
+        """Make the owner's ``poll`` return now (e.g. another thread has work for it); a no-op for
+        links on paho's thread. Safe from any thread, paho callbacks included."""
+        if self.own_loop and self._wake_w is not None:
+            with contextlib.suppress(OSError):  # full: the owner is being woken already
+                self._wake_w.send(b"\0")
+
+    def flush(self) -> None:
+        """Write what is queued now (owned loop: the owner calls it after handling a batch)."""
+        if self._client.socket() is not None and self._client.want_write():
+            self._client.loop_write()
+
+    def settle(self, handle: PublishHandle, timeout: float) -> bool:
+        """Wait for ``handle`` like ``handle.wait``, running the loop meanwhile when it is owned
+        (for the owner, or for whoever stops the link after the owner has stopped)."""
+        if not self.own_loop:
+            return handle.wait(timeout)
+        deadline = time.monotonic() + timeout
+        while not handle.done and not handle.lost and time.monotonic() < deadline:
+            self.poll(min(0.02, max(0.0, deadline - time.monotonic())))
+        return handle.done
+
+    def _read_burst(self, sock: Any) -> None:
+        """Read every packet already arrived (up to READ_BURST_MAX): they are decided as one batch."""
+        client = self._client
+        for _ in range(READ_BURST_MAX):
+            if client.loop_read() != MQTTErrorCode.MQTT_ERR_SUCCESS or client.socket() is None:
+                return  # connection lost: paho closed the socket and called on_disconnect
+            if not (hasattr(sock, "pending") and sock.pending()):
+                try:
+                    more, _, _ = select.select([sock], [], [], 0.0)
+                except (OSError, ValueError):
+                    return
+                if not more:
+                    return
+
+    def _poll_disconnected(self, wake: socket.socket, timeout: float) -> None:
+        """Not connected: (re)connect when the backoff allows, else sleep on the wake-up socket."""
+        now = time.monotonic()
+        if self._stopping or now < self._next_attempt:
+            wait = timeout if self._stopping else min(timeout, self._next_attempt - now)
+            try:
+                readable, _, _ = select.select([wake], [], [], max(0.0, wait))
+            except (OSError, ValueError):
+                return
+            if readable:
+                _drain(wake)
+            return
+        try:
+            self._client.reconnect()
+        except OSError as exc:
+            self._next_attempt = now + self._backoff
+            self.log.debug(
+                "connect to %s failed (%s); next try in %g s", self.settings.url, exc, self._backoff
+            )
+            self._backoff = min(self._backoff * 2, float(max(1, round(self.settings.reconnect_max_s))))
+            self.events.put(LinkEvent(connected=False, reason=f"connect failed: {exc}"))
+            return
+        # A refused or dropped attempt also waits out the backoff (reset once connected).
+        self._next_attempt = now + self._backoff
 
     def wait_connected(self, timeout: float = CONNECT_TIMEOUT_S) -> bool:
         """Wait for the link to be connected; ``False`` after ``timeout`` seconds."""
@@ -451,9 +589,8 @@ class MqttLink:
             return
         if final is not None and self.connected:
             try:
-                confirmed = self.publish(final.topic, final.payload, qos=final.qos, retain=final.retain).wait(
-                    DISCONNECT_GRACE_S
-                )
+                handle = self.publish(final.topic, final.payload, qos=final.qos, retain=final.retain)
+                confirmed = self.settle(handle, DISCONNECT_GRACE_S)
             except MqttError as exc:
                 self.log.warning("final message to %s not published: %s", final.topic, exc)
             else:
@@ -461,13 +598,25 @@ class MqttLink:
                     self.log.warning(
                         "final message to %s not confirmed within %g s", final.topic, DISCONNECT_GRACE_S
                     )
+        if self.own_loop:
+            self._stopping = True  # no reconnect from here on
         self._client.disconnect()
         # Let the network thread write what is queued (manual PUBACKs, then DISCONNECT) before it is
         # stopped: a DISCONNECT never sent makes the broker publish the last will, an unsent PUBACK
         # gets the message redelivered. on_disconnect clears ``_connected`` once it is written.
         deadline = time.monotonic() + DISCONNECT_GRACE_S
         while self._connected.is_set() and time.monotonic() < deadline:
-            time.sleep(0.005)
-        self._client.loop_stop()
+            if self.own_loop:  # the owner has stopped polling: this thread writes
+                self.poll(0.005)
+            else:
+                time.sleep(0.005)
+        if self.own_loop:
+            self.flush()
+            for wake in (self._wake_r, self._wake_w):
+                if wake is not None:
+                    wake.close()
+            self._wake_r = self._wake_w = None
+        else:
+            self._client.loop_stop()
         self._connected.clear()
         self._started = False
