@@ -6,11 +6,14 @@ All in one run on one machine, with a private mosquitto (free port, ``set_tcp_no
   while its subscriber is away, then the subscriber comes back and the rate between 10% and 90%
   of N is measured. The publisher's speed therefore does not enter the measurement:
   ``raw_broker_windows_per_s`` (a subscriber that does nothing), ``edge_windows_per_s`` (the real
-  edge process: decode, validate, dedup, batch, infer, rules) and ``naive_windows_per_s`` (JSON
-  payloads, one ``tf.lite.Interpreter`` invoke per message);
+  ``edgefleet edge run`` as shipped: a supervisor and ``--processes auto`` workers; decode,
+  validate, dedup, batch, infer, rules), ``edge_1proc_windows_per_s`` (the same with
+  ``processes: 1``) and ``naive_windows_per_s`` (JSON payloads, one ``tf.lite.Interpreter`` invoke
+  per message);
 - ``latency_ms``: device publish -> edge decision -> command received by the device, at a fixed
-  1,000 windows/s, with a rule that fires on every window;
-- ``rss_mb``: the edge process's peak resident memory over both edge phases.
+  1,000 windows/s, with a rule that fires on every window, against the edge as shipped
+  (``latency_1proc_ms``: with one process);
+- ``rss_mb``: the edge's peak resident memory (all its processes) over its phases.
 
 Each subscriber runs in its own process so that none shares a GIL with the publisher.
 """
@@ -21,12 +24,12 @@ import contextlib
 import itertools
 import json
 import os
+import queue
 import shutil
 import signal
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -39,10 +42,11 @@ import numpy as np
 from edge_node import synthetic
 from edge_node.synthetic import ensure_reference_models
 from shared.codec import encode_window, with_ts
+from shared.errors import EdgefleetError
 from shared.mqtt import MqttLink
 from shared.private_broker import MosquittoOptions, PrivateMosquitto, free_port
-from shared.schemas import Command, Decision, EdgeMetrics, decode_message
-from shared.settings import MqttSettings
+from shared.schemas import Command, Decision, EdgeMetrics, EdgeStatus, OnlineState, decode_message
+from shared.settings import EdgeSettings, MqttSettings
 from shared.topics import DeviceTopic, EdgeTopic, Topics
 
 DEVICES: Final = 100
@@ -213,6 +217,7 @@ class EdgeProcess:
         edge_id: str = EDGE_ID,
         share_group: str | None = None,
         overrides: dict[str, Any] | None = None,
+        processes: int | None = None,
     ) -> None:
         metrics_port = free_port()
         config: dict[str, Any] = {
@@ -226,6 +231,8 @@ class EdgeProcess:
             "uplink": {"random_fraction": 0.0, "low_confidence": 0.0, "min_margin": 0.0},
             "cache": {"enabled": False},
         }
+        if processes is not None:  # else the default: auto
+            config["processes"] = processes
         if rules is not None:
             config["rules_file"] = str(rules)
         for key, value in (overrides or {}).items():
@@ -233,6 +240,7 @@ class EdgeProcess:
         self.config = workdir / f"{edge_id}.yaml"  # JSON is YAML
         self.config.write_text(json.dumps(config))
         self.metrics_port = metrics_port
+        self.broker_port = port
         self.workdir = workdir
         self.log = workdir / f"{edge_id}.log"
         self.edge_id = edge_id
@@ -265,9 +273,27 @@ class EdgeProcess:
             )
 
     def wait_ready(self) -> None:
-        """Wait until the edge's metrics endpoint answers; ``ClickException`` after the timeout."""
+        """Wait until the edge serves: its retained status says online (published once its telemetry
+        subscription is in place, every worker's included) and its metrics endpoint answers;
+        ``ClickException`` after the timeout."""
         deadline = time.monotonic() + START_TIMEOUT_S
-        while time.monotonic() < deadline:
+        watcher = MqttLink(
+            MqttSettings(url=f"mqtt://127.0.0.1:{self.broker_port}"), client_id=f"bench-ready-{self.edge_id}"
+        )
+        watcher.subscribe(Topics().edge(self.edge_id, EdgeTopic.STATUS), qos=1)
+        watcher.connect()
+        try:
+            online = False
+            while not online and time.monotonic() < deadline:
+                try:
+                    msg = watcher.inbox.get(timeout=0.1)
+                except queue.Empty:
+                    continue
+                with contextlib.suppress(EdgefleetError):
+                    online = decode_message(msg.payload, EdgeStatus).state is OnlineState.ONLINE
+        finally:
+            watcher.stop()
+        while online and time.monotonic() < deadline:
             if self.scrape().get("edge_windows_total") is not None:
                 return
             time.sleep(0.02)
@@ -289,12 +315,23 @@ class EdgeProcess:
         return values
 
     def sample_rss(self) -> None:
-        """Update the edge process's peak resident memory."""
+        """Update the edge's peak resident memory: its process and every worker process under it."""
         import psutil  # noqa: PLC0415  (the agent extra; only RSS sampling needs it)
 
-        if self.proc is not None:
-            with contextlib.suppress(psutil.Error):
-                self.peak_rss = max(self.peak_rss, psutil.Process(self.proc.pid).memory_info().rss)
+        if self.proc is None:
+            return
+        with contextlib.suppress(psutil.Error):
+            root = psutil.Process(self.proc.pid)
+            total = 0
+            for proc in (root, *root.children(recursive=True)):
+                with contextlib.suppress(psutil.Error):
+                    total += proc.memory_info().rss
+            self.peak_rss = max(self.peak_rss, total)
+
+    def site_sessions(self) -> list[str]:
+        """The client ids of the edge's persistent site sessions (one per worker process, or one)."""
+        base = f"edgefleet-edge-{self.edge_id}-site"
+        return [base, *(f"{base}-{k}" for k in range(os.cpu_count() or 1))]
 
     def stop(self) -> None:
         """Stop the edge (SIGTERM, then SIGKILL after 30 s)."""
@@ -309,14 +346,11 @@ class EdgeProcess:
 
 
 def _edge_drain(
-    workdir: Path, port: int, model: Path, payloads: list[tuple[str, bytes]], processes: int = 1
+    workdir: Path, port: int, model: Path, payloads: list[tuple[str, bytes]], processes: int | None
 ) -> tuple[float, int]:
-    """Drain rate of ``processes`` edge processes (a shared subscription when more than one)."""
-    group = "bench" if processes > 1 else None
-    edges = [
-        EdgeProcess(workdir, port, model, None, edge_id=f"{EDGE_ID}-{processes}-{i}", share_group=group)
-        for i in range(processes)
-    ]
+    """Drain rate of one edge with ``processes`` worker processes (``None``: the default, auto)."""
+    name = f"{EDGE_ID}-{processes or 'auto'}"
+    edges = [EdgeProcess(workdir, port, model, None, edge_id=name, processes=processes)]
     for edge in edges:
         edge.start()  # creates the persistent session and subscribes
     for edge in edges:
@@ -338,7 +372,8 @@ def _edge_drain(
     finally:
         for edge in edges:
             edge.stop()
-            _drop_session(port, f"edgefleet-edge-{edge.edge_id}-site")
+            for client_id in edge.site_sessions():
+                _drop_session(port, client_id)
     rate = (hi - lo) / (_crossing(samples, hi) - _crossing(samples, lo))
     return rate, max(edge.peak_rss for edge in edges)
 
@@ -352,64 +387,79 @@ def _crossing(samples: list[tuple[float, float]], level: float) -> float:
     raise click.ClickException(f"the edge never reached {level} windows (last count {last})")
 
 
-def _latency(workdir: Path, port: int, model: Path, seconds: float) -> tuple[dict[str, Any], int, int]:
+def _latency(
+    workdir: Path, port: int, model: Path, seconds: float, processes: int | None = None
+) -> tuple[dict[str, Any], int, int]:
     rules = workdir / "rules.yaml"
     rules.write_text(
         "rules:\n  - name: every-window\n    class: normal\n    min_probability: 0.0\n"
         "    command: {name: ping}\n    severity: info\n"
     )
     topics = Topics()
-    edge = EdgeProcess(workdir, port, model, rules, edge_id=f"{EDGE_ID}-latency")
+    edge_id = f"{EDGE_ID}-latency-{processes or 'auto'}"
+    edge = EdgeProcess(workdir, port, model, rules, edge_id=edge_id, processes=processes)
     edge.start()
+    # The measuring client runs its network loop on the thread that publishes: no thread of its own
+    # competes for its GIL, so what it measures is the edge (and the broker), not itself.
     device = MqttLink(
-        MqttSettings(url=f"mqtt://127.0.0.1:{port}", max_inflight=1000), client_id="bench-device"
+        MqttSettings(url=f"mqtt://127.0.0.1:{port}", max_inflight=1000),
+        client_id="bench-device",
+        own_loop=True,
     )
     device.subscribe(topics.all_devices(DeviceTopic.CMD), qos=1)
-    device.subscribe(topics.edge(f"{EDGE_ID}-latency", EdgeTopic.DECISION), qos=1)
-    device.subscribe(topics.edge(f"{EDGE_ID}-latency", EdgeTopic.METRICS), qos=0)
-    device.connect()
-    time.sleep(0.5)
+    device.subscribe(topics.edge(edge_id, EdgeTopic.DECISION), qos=1)
+    device.subscribe(topics.edge(edge_id, EdgeTopic.METRICS), qos=0)
+    device.start()
+    ready_by = time.monotonic() + START_TIMEOUT_S
+    while not (device.connected and device.wait_subscribed(0)) and time.monotonic() < ready_by:
+        device.poll(0.05)
     payloads = _payloads(int(LATENCY_RATE_HZ * seconds), as_json=False, prefix="lat")
     sent: dict[tuple[str, int], float] = {}
-    start = time.monotonic()
-    stop_sampling = threading.Event()
-
-    def sample_rss() -> None:
-        while not stop_sampling.wait(0.5):
-            edge.sample_rss()
-
-    sampler = threading.Thread(target=sample_rss, daemon=True)
-    sampler.start()
+    sent_wall: dict[tuple[str, int], float] = {}
+    wall_offset = time.time() - time.monotonic()  # monotonic -> wall clock, for the split below
+    issued: dict[str, float] = {}  # command id -> the edge's issued_at (wall clock)
     try:
+        settle_until = time.monotonic() + 0.5
+        while time.monotonic() < settle_until:
+            device.poll(0.05)
+        start = time.monotonic()
+        next_rss = start
         for i, (topic, payload) in enumerate(payloads):
             due = start + i / LATENCY_RATE_HZ
-            delay = due - time.monotonic()
-            if delay > 0:
-                time.sleep(delay)
+            while (delay := due - time.monotonic()) > 0:
+                device.poll(delay)  # commands are stamped as they are read
+            if time.monotonic() >= next_rss:
+                edge.sample_rss()
+                next_rss += 0.5
             device_id = topic.split("/")[-2]
             sent[(device_id, i // DEVICES)] = time.monotonic()
-            device.publish(topic, with_ts(payload, time.time()), qos=1)  # stamped at send time
-        time.sleep(1.0)
+            stamp = time.time()
+            sent_wall[(device_id, i // DEVICES)] = stamp
+            device.publish(topic, with_ts(payload, stamp), qos=1)  # stamped at send time
+            device.flush()
+        drain_until = time.monotonic() + 1.5  # what is still on its way (and one metrics message)
+        while time.monotonic() < drain_until:
+            device.poll(0.05)
         commands: dict[str, float] = {}
         decisions: dict[str, tuple[str, int]] = {}
         edge_view = None
-        while True:
-            try:
-                msg = device.inbox.get(timeout=1.0)
-            except Exception:  # noqa: BLE001  (queue.Empty: everything arrived)
-                break
+        while not device.inbox.empty():
+            msg = device.inbox.get_nowait()
             if msg.topic.endswith("/metrics"):
                 edge_view = decode_message(msg.payload, EdgeMetrics).e2e_latency
             elif msg.topic.endswith("/cmd"):
-                commands[decode_message(msg.payload, Command).command_id] = msg.received_at
+                command = decode_message(msg.payload, Command)
+                commands[command.command_id] = msg.received_at
+                issued[command.command_id] = command.issued_at
             else:
                 d = decode_message(msg.payload, Decision)
                 if d.command_id is not None:
                     decisions[d.command_id] = (d.device_id, d.window_seq)
     finally:
-        stop_sampling.set()
         device.stop()
         edge.stop()
+        for client_id in edge.site_sessions():
+            _drop_session(port, client_id)
     # (publish time, latency) per window whose command came back, in publish order.
     pairs = sorted(
         (sent[decisions[cid]], (received - sent[decisions[cid]]) * 1000.0)
@@ -422,9 +472,31 @@ def _latency(workdir: Path, port: int, model: Path, seconds: float) -> tuple[dic
         raise click.ClickException("no command came back during the latency phase")
     p50, p90, p99 = (round(float(v), 3) for v in np.percentile(measured, [50, 90, 99]))
     summary: dict[str, Any] = {"p50": p50, "p90": p90, "p99": p99, "max": round(float(measured.max()), 3)}
+    # Where the time goes (same machine, one clock): device send -> the edge issues the command, and
+    # command issued -> received by the device.
+    legs = [
+        ((issued[cid] - sent_wall[key]) * 1000.0, (received + wall_offset - issued[cid]) * 1000.0)
+        for cid, received in commands.items()
+        if (key := decisions.get(cid)) is not None and key in sent_wall
+    ][skip:]
+    if legs:
+        to_edge, back = np.array(legs).T
+        summary["send_to_command_issued"] = {
+            "p50": round(float(np.percentile(to_edge, 50)), 3),
+            "p99": round(float(np.percentile(to_edge, 99)), 3),
+        }
+        summary["command_issued_to_received"] = {
+            "p50": round(float(np.percentile(back, 50)), 3),
+            "p99": round(float(np.percentile(back, 99)), 3),
+        }
     if edge_view is not None:  # the edge's own view: device timestamp -> decision taken
         summary["edge_e2e"] = {"p50": round(edge_view.p50_ms, 3), "p99": round(edge_view.p99_ms, 3)}
     return summary, len(measured), edge.peak_rss
+
+
+def _worker_processes() -> int:
+    """What ``--processes auto`` gives on this machine."""
+    return EdgeSettings(edge_id=EDGE_ID).process_count
 
 
 @click.command("edge")
@@ -444,25 +516,30 @@ def bench_edge(seconds: float, windows: int, as_json: bool) -> None:  # noqa: AR
         with private_mosquitto(workdir) as port:
             binary = _payloads(total, as_json=False)
             raw = _drain_phase("raw", port, binary)
-            edge_rate, rss_a = _edge_drain(workdir, port, model, binary)
-            shared_rate, _ = _edge_drain(
-                workdir, port, model, _payloads(total, as_json=False, prefix="sh"), 2
+            edge_rate, rss_a = _edge_drain(workdir, port, model, binary, None)
+            one_rate, rss_b = _edge_drain(
+                workdir, port, model, _payloads(total, as_json=False, prefix="p1"), 1
             )
             naive = _drain_phase("naive", port, _payloads(max(1000, total // 4), as_json=True), model)
-            latency, samples, rss_b = _latency(workdir, port, model, seconds)
+            latency, samples, rss_c = _latency(workdir, port, model, seconds)
+            latency_1proc, _, _ = _latency(workdir, port, model, seconds, processes=1)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     result = {
         "raw_broker_windows_per_s": round(raw, 1),
         "edge_windows_per_s": round(edge_rate, 1),
+        "edge_1proc_windows_per_s": round(one_rate, 1),
         "naive_windows_per_s": round(naive, 1),
-        "edge_2proc_shared_windows_per_s": round(shared_rate, 1),
         "ratio_vs_raw": round(edge_rate / raw, 3),
+        "ratio_1proc_vs_raw": round(one_rate / raw, 3),
         "ratio_vs_naive": round(edge_rate / naive, 3),
+        "edge_processes": _worker_processes(),
         "latency_ms": latency,
+        "latency_1proc_ms": latency_1proc,
         "latency_samples": samples,
         "latency_rate_hz": LATENCY_RATE_HZ,
-        "rss_mb": round(max(rss_a, rss_b) / 1e6, 1),
+        "rss_mb": round(max(rss_a, rss_c) / 1e6, 1),
+        "rss_1proc_mb": round(rss_b / 1e6, 1),
         "windows_per_phase": total,
         "devices": DEVICES,
         "model": "int8 1D-CNN, 100x3 windows, 4 classes",

@@ -11,6 +11,10 @@ from shared.cli import LazyGroup
 BENCHMARKS: Final[dict[str, tuple[str, str]]] = {
     "agent": ("device_agent.bench:bench_agent", "Device agent CPU and RSS at 100 Hz x 3 axes."),
     "edge": ("edge_node.bench:bench_edge", "Edge pipeline vs raw broker vs naive pipeline; latency; RSS."),
+    "fleet": (
+        "edge_node.fleet_bench:bench_fleet",
+        "One site: N devices on their own connections, one edge; lost windows, latency, RSS, CPU.",
+    ),
     "compress": ("cloud.bench.compress:bench_compress", "Compression variants: size, accuracy, latency."),
     "rollout": (
         "cloud.bench.rollout:bench_rollout",

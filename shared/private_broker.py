@@ -103,6 +103,8 @@ class MosquittoOptions:
     max_inflight_messages: int | None = None  # per client, QoS1 messages sent but not PUBACKed; 0 = no limit
     max_queued_messages: int | None = None  # per client, beyond those in flight; 0 = no limit
     max_queued_bytes: int | None = None  # per client; 0 = no limit
+    max_connections: int | None = None  # clients at once; -1 = no limit (also mosquitto's default)
+    sys_interval_s: int | None = None  # how often $SYS/broker/... is published; 0 = never
     log_types: tuple[str, ...] = ("error", "warning")
     extra_conf: str = ""  # appended verbatim: bridges, more listeners, plugins
 
@@ -127,10 +129,12 @@ def render_config(options: MosquittoOptions, *, port: int, workdir: Path, host: 
     ]
     if options.persistence:
         lines += [f"persistence_location {workdir}/", f"autosave_interval {options.autosave_interval_s}"]
-    for key in ("max_inflight_messages", "max_queued_messages", "max_queued_bytes"):
+    for key in ("max_inflight_messages", "max_queued_messages", "max_queued_bytes", "max_connections"):
         value = getattr(options, key)
         if value is not None:
             lines.append(f"{key} {value}")
+    if options.sys_interval_s is not None:
+        lines.append(f"sys_interval {options.sys_interval_s}")
     lines += [f"log_type {kind}" for kind in options.log_types]
     if os.geteuid() == 0:
         # Started as root, mosquitto drops to user "mosquitto", which cannot read or write a private
