@@ -45,6 +45,8 @@ class ResultCache:
         """Remember a window's result, evicting the least recently used beyond the limit."""
         if not self.enabled:
             return
+        if row.base is not None:  # a row of a batch's output: a view would keep the whole batch alive
+            row = row.copy()
         with self._lock:
             self._entries[key] = row
             self._entries.move_to_end(key)

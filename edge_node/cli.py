@@ -44,7 +44,12 @@ def edge() -> None:
 @click.option("--metrics-port", type=int, help="Prometheus port (0 disables)")
 @click.option("--metrics-bind", help="address of the Prometheus endpoint (default 127.0.0.1)")
 @click.option("--share-group", help="MQTT shared-subscription group to split devices between edges")
-@click.option("--workers", type=int, help="inference workers (one interpreter each)")
+@click.option("--workers", type=int, help="inference threads per process (one interpreter each)")
+@click.option(
+    "--processes",
+    help="worker processes: N, or auto (default: one per CPU); above 1 a supervisor runs them "
+    "under one edge identity, restarting any that crashes",
+)
 @click.option("--backend", type=click.Choice(["auto", "ai-edge-litert", "tflite-runtime", "tensorflow"]))
 def run(
     *,
@@ -62,16 +67,19 @@ def run(
     metrics_bind: str | None,
     share_group: str | None,
     workers: int | None,
+    processes: str | None,
     backend: str | None,
 ) -> None:
     """Run until SIGINT/SIGTERM. Options override the config file and EDGEFLEET_* variables."""
     from edge_node.node import EdgeNode  # noqa: PLC0415  (numpy and LiteRT only when running)
+    from edge_node.supervisor import EdgeSupervisor  # noqa: PLC0415
 
     overrides: dict[str, Any] = {
         "edge_id": edge_id,
         "site_broker": {"url": broker} if broker else None,
         "cloud_broker": {"url": cloud_broker} if cloud_broker else None,
         "share_group": share_group,
+        "processes": processes,
         "data_dir": data_dir,
         "rules_file": rules_file,
         "model": {
@@ -87,7 +95,8 @@ def run(
     settings = _merge_load(config_file, overrides)
     if settings.gil_switch_interval_ms is not None:
         sys.setswitchinterval(settings.gil_switch_interval_ms / 1000.0)
-    node = EdgeNode(settings)
+    count = settings.process_count
+    node: EdgeNode | EdgeSupervisor = EdgeSupervisor(settings, count) if count > 1 else EdgeNode(settings)
 
     def _stop(signum: int, _frame: FrameType | None) -> None:
         logger.info("signal %d: stopping", signum)

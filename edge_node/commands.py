@@ -18,7 +18,7 @@ from shared.topics import Topics
 
 logger = logging.getLogger(__name__)
 
-MAX_PENDING: Final = 100_000
+MAX_PENDING: Final = 20_000  # ~1.6 KB each: <= ~32 MB; beyond, the oldest count as unacknowledged
 RECORDS_KEPT: Final = 1_000
 ACK_GRACE_S: Final = 5.0  # after a command's expiry, before it counts as never acknowledged
 

@@ -5,7 +5,8 @@ ones) to every device's retained ``status`` (birth / LWT / shutdown) and ``healt
 the site broker, and notes when each device's telemetry was last classified. Changes of state or
 reported config go to the cloud as a ``DeviceReport`` on the edge's ``devices`` topic (QoS1) within
 ``FLUSH_S``; every device the edge knows goes out (``full``) on each connection to the cloud broker
-and every ``FULL_REPORT_S``, which refreshes ``last_seen`` and repairs anything lost.
+and every ``FULL_REPORT_S``, which refreshes ``last_seen`` and repairs anything lost. A device silent
+for ``ttl_s`` is dropped from the table (the cloud keeps its last report of it).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from typing import Any, Final
 
@@ -24,13 +26,19 @@ logger = logging.getLogger(__name__)
 
 FLUSH_S: Final = 0.5  # changes are batched this long before a report goes out
 FULL_REPORT_S: Final = 30.0
+DEVICE_TTL_S: Final = 3600.0  # default: a device silent this long (no status, heartbeat, window) is dropped
 REPORT_CHUNK: Final = 500  # devices per DeviceReport (well under the 1 MiB payload limit)
 # Fields whose change is worth a report at once (last_seen alone waits for the next full report).
 _CHANGE_FIELDS: Final = ("state", "reason", "config", "config_revision", "config_error", "fault")
 
 
 class DeviceTracker:
-    """Thread-safe table of ``DeviceSeen`` by device id; ``report_loop`` publishes it."""
+    """Thread-safe table of ``DeviceSeen`` by device id; ``report_loop`` publishes it.
+
+    Bounded: at most ``max_devices`` (beyond, new devices are not tracked: ``refused`` counts their
+    messages), and a device silent for ``ttl_s`` is dropped by ``expire`` (``evicted_idle``), which
+    the report loop calls every ``FLUSH_S``; it pops from the least recently heard end, no scan.
+    """
 
     def __init__(
         self,
@@ -40,17 +48,25 @@ class DeviceTracker:
         connects: Callable[[], int],
         *,
         max_devices: int = 100_000,
+        ttl_s: float = DEVICE_TTL_S,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.edge_id = edge_id
         self.topics = topics
         self._publish = publish
         self._connects = connects
         self.max_devices = max_devices
+        self.ttl_s = ttl_s
+        self._clock = clock  # monotonic; tests pass a fake one
         self._devices: dict[str, DeviceSeen] = {}
+        # device id -> time.monotonic() it was last heard, least recently heard first
+        self._touched: OrderedDict[str, float] = OrderedDict()
         self._changed: set[str] = set()
         self._lock = threading.Lock()
         self.reports_sent = 0
         self.rejected = 0
+        self.refused = 0
+        self.evicted_idle = 0
 
     # -- input (worker threads) ----------------------------------------------------------------------
     def handles(self, topic: str) -> DeviceTopic | None:
@@ -88,16 +104,23 @@ class DeviceTracker:
         else:
             self._on_heartbeat(message)
 
+    def _touch(self, device_id: str, now: float) -> None:
+        """Note ``device_id`` as heard at ``now`` (monotonic); lock held."""
+        self._touched[device_id] = now
+        self._touched.move_to_end(device_id)
+
     def _update(self, device_id: str, **fields: Any) -> None:
         with self._lock:
             old = self._devices.get(device_id)
             if old is None:
                 if len(self._devices) >= self.max_devices:
+                    self.refused += 1
                     return
                 new = DeviceSeen(device_id=device_id, **fields)
             else:
                 new = old.model_copy(update=fields)
             self._devices[device_id] = new
+            self._touch(device_id, self._clock())
             if old is None or any(getattr(old, f) != getattr(new, f) for f in _CHANGE_FIELDS):
                 self._changed.add(device_id)
 
@@ -135,14 +158,38 @@ class DeviceTracker:
         """Telemetry of these devices was classified at ``ts`` (once per batch, on the decision thread)."""
         with self._lock:
             devices = self._devices
+            now = self._clock()
             for device_id in set(device_ids):
                 seen = devices.get(device_id)
                 if seen is None:
-                    if len(devices) < self.max_devices:
-                        devices[device_id] = DeviceSeen(device_id=device_id, last_seen=ts)
-                        self._changed.add(device_id)
+                    if len(devices) >= self.max_devices:
+                        self.refused += 1
+                        continue
+                    devices[device_id] = DeviceSeen(device_id=device_id, last_seen=ts)
+                    self._changed.add(device_id)
                 elif seen.last_seen is None or seen.last_seen < ts:
                     devices[device_id] = seen.model_copy(update={"last_seen": ts})
+                self._touch(device_id, now)
+
+    def expire(self, now: float | None = None) -> int:
+        """Drop the devices silent for ``ttl_s``; returns how many."""
+        now = self._clock() if now is None else now
+        cutoff = now - self.ttl_s
+        dropped = 0
+        with self._lock:
+            touched = self._touched
+            while touched:
+                device_id, heard = next(iter(touched.items()))
+                if heard >= cutoff:
+                    break
+                del touched[device_id]
+                del self._devices[device_id]
+                self._changed.discard(device_id)
+                dropped += 1
+            self.evicted_idle += dropped
+        if dropped:
+            logger.info("%d devices silent for %.0f s dropped from the device table", dropped, self.ttl_s)
+        return dropped
 
     # -- output --------------------------------------------------------------------------------------
     def __len__(self) -> int:
@@ -169,8 +216,8 @@ class DeviceTracker:
             try:
                 self._send(devices, full=full)
             except Exception:
-                with self._lock:  # not sent: they go in the next report
-                    self._changed.update(d.device_id for d in devices)
+                with self._lock:  # not sent: they go in the next report (unless dropped since)
+                    self._changed.update(d.device_id for d in devices if d.device_id in self._devices)
                 raise
         return len(devices)
 
@@ -180,9 +227,10 @@ class DeviceTracker:
         connects = -1
         next_full = 0.0
         while not stop.wait(FLUSH_S):
-            if not connected():
-                continue
             try:
+                self.expire()
+                if not connected():
+                    continue
                 now = time.monotonic()
                 if self._connects() != connects or now >= next_full:
                     connects = self._connects()

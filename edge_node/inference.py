@@ -1,9 +1,14 @@
-"""Micro-batched inference: N worker threads, each owning one interpreter of the active model.
+"""Micro-batched inference: worker threads, each owning one interpreter of the active model.
 
-A worker takes up to ``max_batch`` windows from the shared queue (waiting at most ``max_wait_ms``
-for more once it has one), reads the *current* model reference once for the whole batch, and runs
-one invoke. The model manager swaps that reference between batches: a batch is always served by
-exactly one model, no window is dropped or run twice by a swap.
+The default (one worker, PUBACK after decision) is the hot path with no hand-off: the worker owns
+the site link's network loop (``MqttLink(own_loop=True)``), reads every packet that has arrived,
+decides on them as one batch and writes their acks and commands in one flush, then reads again.
+With several workers, paho's network thread fills the inbox and each worker takes up to
+``max_batch`` windows from it (waiting at most ``max_wait_ms`` for more once it has one).
+
+Either way a worker reads the *current* model reference once per batch and runs one invoke. The
+model manager swaps that reference between batches: a batch is always served by exactly one
+model, no window is dropped or run twice by a swap.
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ import numpy as np
 from edge_node.cache import ResultCache, window_key
 from edge_node.ingest import WindowItem
 from edge_node.runtime import ModelRunner
-from shared.mqtt import Received
+from shared.mqtt import MqttLink, Received
 from shared.schemas import ModelManifest
 from shared.settings.edge import BatchSettings
 
@@ -77,7 +82,8 @@ class BatchResult:
 class InferenceWorkers:
     """Worker threads: each takes messages from ``source``, turns them into windows with ``prepare``
     (decode, validate, dedup: ``None`` when a message is not a window to classify), runs a batch and
-    hands the result to ``deliver``. One thread per window from socket to decision: no hand-offs.
+    hands the result to ``deliver``. With ``link`` (an owned-loop link, one worker) that worker also
+    runs the link's network loop: socket, decision and PUBACK on one thread.
     """
 
     def __init__(
@@ -90,7 +96,13 @@ class InferenceWorkers:
         discard: Callable[[list[WindowItem]], None] = lambda _items: None,
         settings: BatchSettings,
         cache: ResultCache,
+        link: MqttLink | None = None,
+        housekeeping: Callable[[], None] = lambda: None,
     ) -> None:
+        if link is not None and (settings.workers != 1 or not link.own_loop):
+            raise ValueError("a link is driven by one worker, and only a link made with own_loop=True")
+        self.link = link
+        self.housekeeping = housekeeping  # every turn of every worker (e.g. PUBACKs now due)
         self.holder = holder
         self.source = source
         self.prepare = prepare
@@ -131,12 +143,39 @@ class InferenceWorkers:
 
     def _next(self, timeout: float | None) -> WindowItem | None:
         """The next window (skipping messages ``prepare`` consumed); ``queue.Empty`` when none came."""
+        if self.link is not None:
+            return self._next_owned(self.link, timeout)
         while True:
             with self._take:
                 if timeout is None:
                     msg = self.source.get_nowait()
                 else:
                     msg = self.source.get(timeout=max(timeout, 0.0))
+            item = self.prepare(msg)
+            if item is not None:
+                return item
+
+    def _next_owned(self, link: MqttLink, timeout: float | None) -> WindowItem:
+        """``_next`` on the network thread: what is queued, else what the socket has (``timeout``
+        None: only what has already arrived, else wait up to ``timeout`` s for it). Once stopping,
+        nothing more is read from the socket: what was not PUBACKed is redelivered next time."""
+        deadline = time.monotonic() + (timeout or 0.0)
+        polled = False
+        while True:
+            try:
+                msg = self.source.get_nowait()
+            except queue.Empty:
+                if self.stop_event.is_set():
+                    raise
+                remaining = deadline - time.monotonic()
+                if timeout is None or remaining <= 0:
+                    if polled:
+                        raise
+                    link.poll(0.0)
+                    polled = True
+                else:
+                    link.poll(remaining)
+                continue
             item = self.prepare(msg)
             if item is not None:
                 return item
@@ -150,6 +189,13 @@ class InferenceWorkers:
         assert first is not None
         batch = [first]
         max_batch = self.settings.max_batch
+        if self.link is not None:  # what has already arrived, no waiting for more
+            while len(batch) < max_batch:
+                try:
+                    batch.append(self._next_owned(self.link, None))
+                except queue.Empty:
+                    break
+            return batch
         deadline = time.monotonic() + self.settings.max_wait_ms / 1000.0
         while len(batch) < max_batch:
             try:
@@ -167,7 +213,11 @@ class InferenceWorkers:
         return batch
 
     def _run(self, index: int) -> None:
+        link = self.link
         while True:
+            self.housekeeping()
+            if link is not None:
+                link.flush()  # the last batch's PUBACKs and commands, in one go
             if self.stop_event.is_set() and not self.drain:
                 return
             try:

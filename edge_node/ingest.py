@@ -10,7 +10,7 @@ import base64
 import logging
 import threading
 import time
-from collections import Counter, OrderedDict, deque
+from collections import Counter, OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Final
@@ -30,6 +30,8 @@ DEAD_LETTER_PAYLOAD_MAX: Final = 4096
 SEQ_RESET_GAP: Final = 1_000_000
 DEAD_LETTERS_PUBLISHED_PER_S: Final = 50  # beyond this only counted (a flood must not flood the cloud)
 _TOPIC_CACHE_MAX: Final = 100_000
+DEVICE_TTL_S: Final = 3600.0  # default: a device silent this long is forgotten (EdgeSettings.device_ttl_s)
+SWEEP_S: Final = 1.0  # at most this often, devices silent for the TTL are swept out
 
 
 @dataclass(slots=True)
@@ -43,48 +45,94 @@ class WindowItem:
     message: Received | None = None  # to PUBACK it once decided (manual acks)
 
 
-class Deduplicator:
-    """Remembers the last ``window`` seqs of each device (at most ``max_devices`` devices, LRU).
+class _SeqWindow:
+    """One device's dedup state: its newest seq and a bitmask of the seqs seen below it."""
 
-    A seq seen before is a duplicate; a seq older than the device's window is ``stale`` (it cannot be
-    told apart from a duplicate any more): both are dropped and counted. A seq more than
-    ``SEQ_RESET_GAP`` below the newest means the device started counting again: its state is reset.
+    __slots__ = ("highest", "mask", "touched")
+
+    def __init__(self, seq: int, now: float) -> None:
+        self.highest = seq
+        self.mask = 1  # bit i: seq ``highest - i`` was seen
+        self.touched = now
+
+
+class Deduplicator:
+    """Remembers which of the last ``window`` seqs of each device were seen.
+
+    A seq seen before is a duplicate; a seq ``window`` or more below the device's newest is
+    ``stale`` (it cannot be told apart from a duplicate any more): both are dropped and counted. A
+    seq more than ``SEQ_RESET_GAP`` below the newest means the device started counting again: its
+    state is reset. Per device: one int of ``window`` bits (~310 bytes a device for 1,024), no set.
+
+    Bounded in count too: at most ``max_devices`` devices (the least recently heard go first,
+    counted in ``evicted_full``), and a device silent for ``ttl_s`` is forgotten (``evicted_idle``;
+    swept at most every ``SWEEP_S`` from the least recently heard end, so never a scan per message).
     """
 
-    def __init__(self, window: int, max_devices: int) -> None:
+    def __init__(self, window: int, max_devices: int, *, ttl_s: float = DEVICE_TTL_S) -> None:
         self.window = window
         self.max_devices = max_devices
-        self._devices: OrderedDict[str, tuple[set[int], deque[int], list[int]]] = OrderedDict()
+        self.ttl_s = ttl_s
+        self._full = (1 << window) - 1
+        # Least recently heard first: the TTL sweep and the LRU cap both pop from the front.
+        self._devices: OrderedDict[str, _SeqWindow] = OrderedDict()
         self._lock = threading.Lock()
+        self._next_sweep = float("-inf")
         self.resets = 0
+        self.evicted_idle = 0
+        self.evicted_full = 0
 
-    def check(self, device_id: str, seq: int) -> str | None:
-        """``None`` for a new window (now remembered), else ``"duplicate"`` or ``"stale"``."""
+    def __len__(self) -> int:
+        return len(self._devices)
+
+    def check(self, device_id: str, seq: int, now: float | None = None) -> str | None:
+        """``None`` for a new window (now remembered), else ``"duplicate"`` or ``"stale"``.
+
+        ``now`` is a ``time.monotonic()`` reading (the message's receive time saves a clock call).
+        """
+        if now is None:
+            now = time.monotonic()
         with self._lock:
-            state = self._devices.get(device_id)
+            if now >= self._next_sweep:
+                self._sweep(now)
+            devices = self._devices
+            state = devices.get(device_id)
             if state is None:
-                state = (set(), deque(), [seq])
-                self._devices[device_id] = state
-                if len(self._devices) > self.max_devices:
-                    self._devices.popitem(last=False)
-            else:
-                self._devices.move_to_end(device_id)
-            seen, order, highest = state
-            if seq in seen:
-                return "duplicate"
-            if seq < highest[0] - SEQ_RESET_GAP:  # the device lost its state and counts from 0 again
+                devices[device_id] = _SeqWindow(seq, now)
+                if len(devices) > self.max_devices:
+                    devices.popitem(last=False)
+                    self.evicted_full += 1
+                return None
+            back = state.highest - seq
+            if back < 0:  # the newest yet: slide the window up
+                state.mask = ((state.mask << -back) | 1) & self._full if -back < self.window else 1
+                state.highest = seq
+            elif back < self.window:
+                bit = 1 << back
+                if state.mask & bit:
+                    return "duplicate"
+                state.mask |= bit
+            elif back > SEQ_RESET_GAP:  # the device lost its state and counts from 0 again
                 self.resets += 1
-                seen.clear()
-                order.clear()
-                highest[0] = seq
-            elif seq <= highest[0] - self.window:
+                state.highest = seq
+                state.mask = 1
+            else:
                 return "stale"
-            seen.add(seq)
-            order.append(seq)
-            highest[0] = max(highest[0], seq)
-            while len(order) > self.window:
-                seen.discard(order.popleft())
+            # Only a new window counts as hearing from the device: a duplicate is the broker's redelivery.
+            devices.move_to_end(device_id)
+            state.touched = now
             return None
+
+    def _sweep(self, now: float) -> None:
+        """Forget the devices silent for ``ttl_s`` (the front of the LRU order); lock held."""
+        self._next_sweep = now + SWEEP_S
+        cutoff = now - self.ttl_s
+        devices = self._devices
+        # ``touched`` comes from several threads' receive times, so the order is only nearly sorted:
+        # an entry stuck behind a slightly fresher one just waits for a later sweep.
+        while devices and next(iter(devices.values())).touched < cutoff:
+            devices.popitem(last=False)
+            self.evicted_idle += 1
 
 
 class DeadLetters:
@@ -146,25 +194,35 @@ class Ingest:
         self.stale = 0
         self.accepted = 0
         self.decoder = WindowDecoder()
+        # topic -> device id, in two generations: a topic not used since the last rotation (every
+        # half TTL, or when the newer one is full) is dropped at the next, so silent devices go.
         self._topic_devices: dict[str, str] = {}
+        self._topic_devices_old: dict[str, str] = {}
+        self._topics_rotate_at = float("-inf")  # set on the first miss, from receive times
 
-    def _device_of(self, topic: str) -> str:
-        """The device a telemetry topic names (parsed once per topic); ``TopicError`` otherwise."""
+    def _device_of(self, topic: str, now: float) -> str:
+        """The device a telemetry topic names (parsed once per topic); ``TopicError`` otherwise.
+
+        Lock-free (worker threads): a race at worst parses a topic twice or drops a generation early.
+        """
         device = self._topic_devices.get(topic)
         if device is None:
-            parsed = self.topics.parse(topic)
-            if parsed.kind is not DeviceTopic.TELEMETRY or parsed.device_id is None:
-                raise TopicError(f"{topic!r} is not a telemetry topic")
-            device = parsed.device_id
-            if len(self._topic_devices) >= _TOPIC_CACHE_MAX:
-                self._topic_devices.clear()
+            if now >= self._topics_rotate_at or len(self._topic_devices) >= _TOPIC_CACHE_MAX // 2:
+                self._topics_rotate_at = now + self.dedup.ttl_s / 2
+                self._topic_devices_old, self._topic_devices = self._topic_devices, {}
+            device = self._topic_devices_old.get(topic)
+            if device is None:
+                parsed = self.topics.parse(topic)
+                if parsed.kind is not DeviceTopic.TELEMETRY or parsed.device_id is None:
+                    raise TopicError(f"{topic!r} is not a telemetry topic")
+                device = parsed.device_id
             self._topic_devices[topic] = device
         return device
 
     def handle(self, msg: Received) -> WindowItem | None:
         """A telemetry message as a first-seen window to classify, or ``None`` (dead-lettered or dropped)."""
         try:
-            topic_device = self._device_of(msg.topic)
+            topic_device = self._device_of(msg.topic, msg.received_at)
         except TopicError as exc:
             self.dead.reject(msg.topic, msg.payload, "topic", str(exc))
             return None
@@ -202,7 +260,7 @@ class Ingest:
                     f"channels {list(window.channels)} do not match the model's {channels}",
                 )
                 return None
-        verdict = self.dedup.check(window.device_id, window.seq)
+        verdict = self.dedup.check(window.device_id, window.seq, msg.received_at)
         if verdict is not None:
             if verdict == "duplicate":
                 self.duplicates += 1

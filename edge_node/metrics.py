@@ -10,7 +10,7 @@ import logging
 import threading
 import time
 from collections import Counter, deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any, Final
 
 import numpy as np
@@ -25,6 +25,8 @@ LATENCY_BUCKETS_S: Final = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 
 BATCH_BUCKETS: Final = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 4096)
 CONFIDENCE_BUCKETS: Final = tuple(round(0.1 * i, 1) for i in range(1, 11))
 RECENT_SAMPLES: Final = 20_000  # latencies kept for the percentiles of EdgeMetrics
+DEVICES_SEEN_WINDOW_S: Final = 3600.0  # default: "devices seen" counts the devices of about this long
+DEVICES_SEEN_MAX: Final = 100_000  # device ids kept per generation of ``RecentDevices``
 
 
 class FastHistogram:
@@ -55,17 +57,72 @@ class FastHistogram:
         return HistogramMetricFamily(name, doc, buckets=buckets, sum_value=total)
 
 
+class RecentDevices:
+    """The ids of the devices seen in about the last ``window_s``: the edge's "devices seen".
+
+    Two generations of ids: reading (``len``) starts a new one every half window and drops the one
+    before, so the count covers the last half window to window, and a silent device leaves it. ``add``
+    stays one set insert on the decision thread (no clock read, no lock: readers only swap whole sets
+    and CPython set operations on str ids are atomic under the GIL). A generation is also closed at
+    ``max_devices`` ids, so the memory stays bounded even if nothing reads.
+    """
+
+    def __init__(
+        self,
+        window_s: float = DEVICES_SEEN_WINDOW_S,
+        max_devices: int = DEVICES_SEEN_MAX,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.window_s = window_s
+        self.max_devices = max_devices
+        self._clock = clock  # monotonic; tests pass a fake one
+        self._current: set[str] = set()
+        self._previous: set[str] = set()
+        self._rotated = clock()
+        self._lock = threading.Lock()
+
+    def add(self, device_id: str) -> None:
+        """Note one device (decision thread)."""
+        current = self._current
+        if len(current) >= self.max_devices:
+            with self._lock:
+                self._rotate(self._clock())
+            current = self._current
+        current.add(device_id)
+
+    def update(self, device_ids: Iterable[str]) -> None:
+        """Note several devices."""
+        for device_id in device_ids:
+            self.add(device_id)
+
+    def _rotate(self, now: float) -> None:
+        """Start a new generation; lock held."""
+        self._previous, self._current = self._current, set()
+        self._rotated = now
+
+    def __len__(self) -> int:
+        with self._lock:
+            now = self._clock()
+            if now - self._rotated >= self.window_s:  # not read for a whole window: both are old news
+                self._rotate(now)
+                self._rotate(now)
+            elif now - self._rotated >= self.window_s / 2:
+                self._rotate(now)
+            return len(self._previous.union(self._current))
+
+
 class EdgeStats:
     """Everything the edge counts. Written by the decision thread; read by scrapes and the publisher."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, devices_window_s: float = DEVICES_SEEN_WINDOW_S) -> None:
         self.windows_total = 0
         self.decisions_total = 0
         self.nonfinite_total = 0
         self.labelled_windows = 0
         self.labelled_correct = 0
         self.class_counts: Counter[str] = Counter()
-        self.devices: set[str] = set()
+        self.devices = RecentDevices(devices_window_s)  # bounded: not every device ever seen
         self.batch_size = FastHistogram(BATCH_BUCKETS)
         self.inference_s = FastHistogram(LATENCY_BUCKETS_S)
         self.e2e_s = FastHistogram(LATENCY_BUCKETS_S)
@@ -133,7 +190,10 @@ class EdgeCollector:
             "edge_cache_hit_rate": ("result cache hit rate", snap["cache_hit_rate"]),
             "edge_uplink_queue_depth": ("samples waiting on disk for the cloud", snap["uplink_depth"]),
             "edge_work_queue_depth": ("windows waiting for inference", snap["work_depth"]),
-            "edge_devices_seen": ("devices seen", len(s.devices)),
+            "edge_devices_seen": (
+                "devices with a classified window within about device_ttl_s",
+                len(s.devices),
+            ),
             "edge_windows_per_second": ("windows per second since the last metrics message", snap["rate"]),
         }
         for name, (doc, value) in gauges.items():
@@ -148,9 +208,27 @@ class EdgeCollector:
             "edge_uplink_delivered": ("samples acknowledged by the cloud broker", snap["uplink_delivered"]),
             "edge_model_swaps": ("model swaps", snap["swaps"]),
             "edge_errors": ("inference errors", snap["errors"]),
+            "edge_decisions_unconfirmed": (
+                "decided windows PUBACKed before the cloud broker confirmed their decisions",
+                snap.get("decisions_unconfirmed", 0),
+            ),
         }
         for name, (doc, value) in counters.items():
             yield CounterMetricFamily(name, doc, value=value)
+        tables = snap.get("device_tables", {})  # per-device state: dedup, rules, device table
+        tracked = GaugeMetricFamily("edge_device_table_size", "devices held per table", labels=["table"])
+        evicted = CounterMetricFamily(
+            "edge_device_table_evictions",
+            "devices dropped per table: idle (silent for device_ttl_s) or full (at its limit; for the "
+            "device table: messages of devices not added)",
+            labels=["table", "reason"],
+        )
+        for table, counts in tables.items():
+            tracked.add_metric([table], counts["tracked"])
+            evicted.add_metric([table, "idle"], counts["evicted_idle"])
+            evicted.add_metric([table, "full"], counts["evicted_full"])
+        yield tracked
+        yield evicted
         acks = CounterMetricFamily("edge_command_acks", "command acks by status", labels=["status"])
         for status, count in snap["acks"].items():
             acks.add_metric([status], count)

@@ -486,3 +486,45 @@ class ModelManager:
             last_deploy_ok=self.state.last_ok,
             last_deploy_reason=self.state.last_reason,
         )
+
+
+class WorkerModels(ModelManager):
+    """The model side of one worker process of a multi-process edge (``edge_node/supervisor.py``).
+
+    The supervisor's manager downloads, verifies (signature, size, sha256), stores and records every
+    artifact once; a worker only builds and warms up its own interpreters of the model it is told:
+    ``initial`` at start-up, then ``stage`` (on ``Prepare``) and ``activate`` (on ``Commit``). It
+    runs no orders thread and never writes the model store."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.initial: tuple[Path, Path, ModelManifest] | None = None  # (read from, stored at, manifest)
+
+    def start_up(self) -> ActiveModel | None:
+        """The model the supervisor serves now (``initial``), built and swapped in; ``None`` if none."""
+        if self.initial is None:
+            return None
+        model = self.stage(*self.initial)
+        self._swap(model)
+        return model
+
+    def stage(self, source: Path, stored: Path, manifest: ModelManifest) -> ActiveModel:
+        """Interpreters of the artifact at ``source`` (checked against the manifest's sha256 again:
+        a truncated file must not load), warmed up, not yet serving."""
+        try:
+            content = source.read_bytes()
+        except OSError as exc:
+            raise ModelError(f"cannot read {source}: {exc}") from exc
+        if sha256_hex(content) != manifest.sha256:
+            raise ModelError(f"{source} does not match the manifest's sha256")
+        return self.prepare(content, manifest, stored)
+
+    def activate(self, model: ActiveModel) -> None:
+        """Serve ``model`` from the next batch on."""
+        self._swap(model)
+
+    def start(self) -> None:
+        """No orders thread: the supervisor carries out deployment orders."""
+
+    def stop(self) -> None:
+        """Nothing to stop."""

@@ -15,12 +15,14 @@ both roles use the site broker's URL, still over two connections, so the code pa
 
 from __future__ import annotations
 
+import gc
 import logging
 import queue
 import threading
 import time
 from collections import deque
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, Final
 
 import numpy as np
@@ -28,17 +30,18 @@ from prometheus_client import CollectorRegistry
 
 from edge_node.cache import ResultCache
 from edge_node.commands import CommandTracker
+from edge_node.control import SeenDevices
 from edge_node.devices import DeviceTracker
 from edge_node.inference import ActiveModel, BatchResult, InferenceWorkers, ModelHolder
 from edge_node.ingest import DeadLetters, Deduplicator, Ingest, WindowItem
 from edge_node.metrics import EdgeCollector, EdgeStats, build_metrics_message, start_endpoint
-from edge_node.models import ModelManager
+from edge_node.models import ModelManager, WorkerModels
 from edge_node.rules import Firing, RuleEngine, RuleSpec, load_rules
 from edge_node.runtime import load_backend
 from edge_node.uplink import HardExampleMiner, UplinkQueue, UplinkSender
 from shared import __version__
 from shared.errors import MqttError
-from shared.mqtt import MqttLink, Publication, Received
+from shared.mqtt import MqttLink, Publication, PublishHandle, Received
 from shared.schemas import (
     Decision,
     DeploymentProgress,
@@ -56,14 +59,33 @@ POLL_S: Final = 0.1
 WARMUP_KEPT: Final = 32
 SITE_CONNECT_WAIT_S: Final = 10.0
 STOP_DRAIN_S: Final = 10.0
+# A decided window is PUBACKed once the cloud broker has its decisions, waiting at most this long.
+DECISION_CONFIRM_S: Final = 2.0
 FLUSH_S: Final = 5.0
+
+
+@dataclass(slots=True)
+class _HeldBatch:
+    """Decided windows waiting for their decisions' PUBACK before their own."""
+
+    items: list[WindowItem]
+    decisions: list[PublishHandle]
+    deadline: float
 
 
 class EdgeNode:
     """One edge process. ``start()`` returns once it is serving (or waiting for a first model)."""
 
-    def __init__(self, settings: EdgeSettings, *, rules: list[RuleSpec] | None = None) -> None:
+    def __init__(
+        self, settings: EdgeSettings, *, rules: list[RuleSpec] | None = None, worker: int | None = None
+    ) -> None:
         self.settings = settings
+        # ``worker``: this node is worker process ``worker`` of a multi-process edge (supervisor.py):
+        # its own site session (-site-<k>) in the edge's shared-subscription group, its own cloud
+        # connection (-cloud-<k>) without status or LWT; status, desired state, model store, device relay
+        # and metrics publication are the supervisor's.
+        self.worker_index = worker
+        suffix = "" if worker is None else f"-{worker}"
         self.edge_id = settings.edge_id
         self.topics = settings.site_broker.topics
         self.cloud_topics: Topics = settings.cloud.topics
@@ -71,35 +93,53 @@ class EdgeNode:
         if rules is None:
             rules = load_rules(settings.rules_file) if settings.rules_file is not None else []
         self.stop_event = threading.Event()
-        self.stats = EdgeStats()
+        self.stats = EdgeStats(devices_window_s=settings.device_ttl_s)
         self.holder = ModelHolder()
         self.cache = ResultCache(settings.cache.max_entries, enabled=settings.cache.enabled)
         self.backend = load_backend(settings.runtime.backend)
 
         self.cloud_link = MqttLink(
             settings.cloud,
-            client_id=f"edgefleet-edge-{self.edge_id}-cloud",
+            client_id=f"edgefleet-edge-{self.edge_id}-cloud{suffix}",
             clean_session=True,
-            will=Publication(self._status_topic, self._status_payload(OnlineState.OFFLINE, "lwt"), 1, True),
-            birth=Publication(self._status_topic, self._status_payload(OnlineState.ONLINE), 1, True),
+            will=None
+            if worker is not None
+            else Publication(self._status_topic, self._status_payload(OnlineState.OFFLINE, "lwt"), 1, True),
+            birth=None
+            if worker is not None
+            else Publication(self._status_topic, self._status_payload(OnlineState.ONLINE), 1, True),
         )
         self._manual_ack = settings.batching.ack_after_decision
+        # One worker acking after decision: it runs the site link's network loop itself (no hand-off
+        # between paho's thread and the worker; edge_node/inference.py).
+        owned = settings.batching.workers == 1 and self._manual_ack
         self.site_link = MqttLink(
             settings.site_broker,
-            client_id=f"edgefleet-edge-{self.edge_id}-site",
+            client_id=f"edgefleet-edge-{self.edge_id}-site{suffix}",
             clean_session=False,
             manual_ack=self._manual_ack,
+            own_loop=owned,
         )
         self.dead = DeadLetters(self.edge_id, self._publish_dead)
-        self.dedup = Deduplicator(settings.dedup_window, settings.dedup_max_devices)
+        self.dedup = Deduplicator(
+            settings.dedup_window, settings.dedup_max_devices, ttl_s=settings.device_ttl_s
+        )
         self.ingest = Ingest(self.topics, self.dedup, self.dead, self._expected_input)
         self.commands = CommandTracker(self.topics, self.edge_id, self._publish_site)
-        self.devices = DeviceTracker(
-            self.edge_id, self.topics, self._publish_devices, lambda: self.cloud_link.connects
+        self.devices = (
+            SeenDevices(self.edge_id, self.topics)
+            if worker is not None
+            else DeviceTracker(
+                self.edge_id,
+                self.topics,
+                self._publish_devices,
+                lambda: self.cloud_link.connects,
+                ttl_s=settings.device_ttl_s,
+            )
         )
-        self.rules = RuleEngine(rules)
+        self.rules = RuleEngine(rules, device_ttl_s=settings.device_ttl_s)
         self.miner = HardExampleMiner(self.edge_id, settings.uplink)
-        self.uplink = UplinkQueue(settings.data_dir / "uplink.sqlite", settings.uplink.queue_max)
+        self.uplink = UplinkQueue(settings.data_dir / f"uplink{suffix}.sqlite", settings.uplink.queue_max)
         self.uplink_sender = UplinkSender(
             self.uplink,
             self.cloud_link,
@@ -107,6 +147,10 @@ class EdgeNode:
             settings.uplink.inflight_max,
         )
         self._decide_lock = threading.Lock()
+        self._batch_decisions: list[PublishHandle] = []  # the batch being decided (under the lock)
+        self._held: deque[_HeldBatch] = deque()
+        self._held_lock = threading.Lock()
+        self.decisions_unconfirmed = 0
         self.workers = InferenceWorkers(
             self.holder,
             self.site_link.inbox,
@@ -115,9 +159,11 @@ class EdgeNode:
             discard=self._release,
             settings=settings.batching,
             cache=self.cache,
+            link=self.site_link if owned else None,
+            housekeeping=self._release_confirmed,
         )
         self.recent_windows: deque[np.ndarray] = deque(maxlen=WARMUP_KEPT)
-        self.manager = ModelManager(
+        self.manager = (WorkerModels if worker is not None else ModelManager)(
             settings,
             self.backend,
             self.holder,
@@ -195,7 +241,9 @@ class EdgeNode:
 
     def _subscribe_telemetry(self) -> None:
         topic = self.topics.all_devices(DeviceTopic.TELEMETRY)
-        if self.settings.share_group:
+        if self.worker_index is not None:  # the edge's worker processes split the telemetry
+            topic = Topics.shared(self.settings.worker_share_group, topic)
+        elif self.settings.share_group:
             topic = Topics.shared(self.settings.share_group, topic)
         self.site_link.subscribe(topic, qos=1)
         self._telemetry_subscribed = True
@@ -213,12 +261,15 @@ class EdgeNode:
         self.site_link.subscribe(self.topics.all_devices(DeviceTopic.ACK), qos=1)
         # Device birth / LWT (retained) and heartbeats, relayed to the cloud (edge_node/devices.py).
         # Not shared: every edge of a site hears every device, retained statuses included.
-        self.site_link.subscribe(self.topics.all_devices(DeviceTopic.STATUS), qos=1)
-        self.site_link.subscribe(self.topics.all_devices(DeviceTopic.HEALTH), qos=1)
+        if self.worker_index is None:  # a multi-process edge's supervisor relays them, once
+            self.site_link.subscribe(self.topics.all_devices(DeviceTopic.STATUS), qos=1)
+            self.site_link.subscribe(self.topics.all_devices(DeviceTopic.HEALTH), qos=1)
         if model is not None:
             self._subscribe_telemetry()
         else:
             logger.warning("no model yet: telemetry stays queued on the broker until one is deployed")
+        if self.site_link.own_loop:
+            self.site_link.start()  # connects from the worker's first poll
         self.workers.start()
         self._spawn(self._control_loop, "edge-control")
         self._spawn(self._metrics_loop, "edge-metrics")
@@ -241,11 +292,16 @@ class EdgeNode:
                 "site broker %s not reachable yet; retrying in the background", self.settings.site_broker.url
             )
         # Last: "online" on the status topic means serving. Never waited for: decisions need no cloud.
-        self.cloud_link.set_birth(
-            Publication(self._status_topic, self._status_payload(OnlineState.ONLINE), 1, True)
-        )
-        self.cloud_link.subscribe(self.cloud_topics.edge(self.edge_id, EdgeTopic.DESIRED), qos=1)
+        if self.worker_index is None:  # a worker process: the supervisor owns status and desired state
+            self.cloud_link.set_birth(
+                Publication(self._status_topic, self._status_payload(OnlineState.ONLINE), 1, True)
+            )
+            self.cloud_link.subscribe(self.cloud_topics.edge(self.edge_id, EdgeTopic.DESIRED), qos=1)
         self.cloud_link.start()
+        # What exists now (modules, settings, the model) lives as long as the process: out of the
+        # collector's reach, a full collection no longer stalls decisions for tens of ms.
+        gc.collect()
+        gc.freeze()
 
     def _spawn(self, target: Any, name: str) -> None:
         thread = threading.Thread(target=target, name=name, daemon=True)
@@ -260,6 +316,11 @@ class EdgeNode:
         if self._manual_ack:
             # Finish the batches in hand; whatever is not PUBACKed yet the broker redelivers next time.
             self.workers.stop(STOP_DRAIN_S, drain=False)
+            deadline = time.monotonic() + DECISION_CONFIRM_S
+            while self._held and time.monotonic() < deadline:
+                self._release_confirmed()
+                time.sleep(0.01)
+            self._release_confirmed(final=True)
             self._flush_site_link()
             self.site_link.stop()
         else:
@@ -271,7 +332,9 @@ class EdgeNode:
             thread.join(STOP_DRAIN_S)
         self.uplink_sender.stop()
         self.cloud_link.stop(
-            final=Publication(
+            final=None
+            if self.worker_index is not None
+            else Publication(
                 self._status_topic, self._status_payload(OnlineState.OFFLINE, "shutdown"), 1, True
             )
         )
@@ -296,7 +359,7 @@ class EdgeNode:
         probe = self.topics.edge(self.edge_id, EdgeTopic.STATUS)
         payload = self._status_payload(OnlineState.OFFLINE, "shutdown")
         try:
-            confirmed = self.site_link.publish(probe, payload, qos=1).wait(FLUSH_S)
+            confirmed = self.site_link.settle(self.site_link.publish(probe, payload, qos=1), FLUSH_S)
         except MqttError as exc:
             confirmed = False
             logger.warning("shutdown probe not published: %s", exc)
@@ -339,12 +402,47 @@ class EdgeNode:
     def _deliver(self, result: BatchResult) -> None:
         """On a worker thread: rules, commands, mining and stats, one batch at a time."""
         with self._decide_lock:
+            self._batch_decisions = []
             try:
                 self._decide(result)
             except Exception:  # one bad batch must not stop decisions
                 self.decision_errors += 1
                 logger.exception("error deciding on a batch of %d windows", len(result.items))
+            decisions = self._batch_decisions
+        if decisions and self._manual_ack and self.cloud_link.connected:
+            # A decision is the cloud's record of its window: PUBACK the window once the cloud broker
+            # has the decision, so a crash in between gets the window redelivered instead of lost.
+            # (Disconnected from the cloud, decisions wait in memory and windows are not held up:
+            # deciding must not depend on the cloud.)
+            held = _HeldBatch(result.items, decisions, time.monotonic() + DECISION_CONFIRM_S)
+            with self._held_lock:
+                self._held.append(held)
+            return
         self._release(result.items)
+
+    def _release_confirmed(self, *, final: bool = False) -> None:
+        """On a worker thread, every turn: PUBACK held windows whose decisions are confirmed, or that
+        waited DECISION_CONFIRM_S / lost the cloud link (counted in ``decisions_unconfirmed``).
+        ``final`` (stopping): unconfirmed windows stay un-PUBACKed, to be redelivered next time."""
+        if not self._held:
+            return
+        now = time.monotonic()
+        connected = self.cloud_link.connected
+        ready: list[list[WindowItem]] = []
+        with self._held_lock:
+            while self._held:
+                held = self._held[0]
+                if not all(handle.done for handle in held.decisions):
+                    if final:
+                        self._held.clear()  # the broker redelivers them: decided twice, never lost
+                        break
+                    if connected and now < held.deadline:
+                        break
+                    self.decisions_unconfirmed += sum(not handle.done for handle in held.decisions)
+                self._held.popleft()
+                ready.append(held.items)
+        for items in ready:
+            self._release(items)
 
     def _release(self, items: list[WindowItem]) -> None:
         """PUBACK windows once decided (or counted as failed): until then the broker keeps them."""
@@ -420,6 +518,8 @@ class EdgeNode:
                 firing.device_id, rule.command.name, rule.command.args, ttl, rule.name
             )
             command_id = command.command_id
+            if self.site_link.own_loop:  # on the site loop: the command leaves now, ahead of the rest
+                self.site_link.flush()
         decision = Decision(
             edge_id=self.edge_id,
             device_id=firing.device_id,
@@ -436,11 +536,18 @@ class EdgeNode:
         )
         self.stats.decisions_total += 1
         try:
-            self.cloud_link.publish(
-                self.cloud_topics.edge(self.edge_id, EdgeTopic.DECISION), encode_message(decision)
+            handle = self.cloud_link.publish(
+                self.cloud_topics.edge(self.edge_id, EdgeTopic.DECISION),
+                encode_message(decision),
+                on_done=self._decision_confirmed,
             )
+            self._batch_decisions.append(handle)
         except MqttError as exc:  # the command already went out: the decision stands
             logger.warning("decision not published: %s", exc)
+
+    def _decision_confirmed(self, _handle: PublishHandle) -> None:
+        """On the cloud link's network thread: wake the site loop to PUBACK what this confirmed."""
+        self.site_link.wake()
 
     def _control_loop(self) -> None:
         desired_topic = self.cloud_topics.edge(self.edge_id, EdgeTopic.DESIRED)
@@ -458,6 +565,8 @@ class EdgeNode:
         while not self.stop_event.wait(interval):
             try:
                 self.commands.expire()
+                if self.worker_index is not None:  # the supervisor publishes the edge's (summed) metrics
+                    continue
                 snap = self.snapshot()
                 message = build_metrics_message(self.edge_id, self.stats, snap, interval, self.rate)
                 self.cloud_link.publish(topic, encode_message(message), qos=0)
@@ -491,9 +600,29 @@ class EdgeNode:
             "rate": self.rate,
             "commands_sent": self.commands.sent,
             "devices_known": len(self.devices),
+            # Per-device tables: bounded in count, silent devices evicted (edge_node/ingest.py, rules.py,
+            # devices.py); sizes and evictions are exported as edge_device_table_*.
+            "device_tables": {
+                "dedup": {
+                    "tracked": len(self.dedup),
+                    "evicted_idle": self.dedup.evicted_idle,
+                    "evicted_full": self.dedup.evicted_full,
+                },
+                "rules": {
+                    "tracked": len(self.rules),
+                    "evicted_idle": self.rules.evicted_idle,
+                    "evicted_full": self.rules.evicted_full,
+                },
+                "devices": {
+                    "tracked": len(self.devices),
+                    "evicted_idle": getattr(self.devices, "evicted_idle", 0),
+                    "evicted_full": getattr(self.devices, "refused", 0),
+                },
+            },
             "acks": dict(self.commands.acks),
             "swaps": self.holder.swaps,
             "errors": self.workers.errors + self.decision_errors,
+            "decisions_unconfirmed": self.decisions_unconfirmed,
             "model_name": model.manifest.name if model else None,
             "model_version": model.version if model else None,
         }

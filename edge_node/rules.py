@@ -20,10 +20,10 @@ from __future__ import annotations
 import fnmatch
 import logging
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Self
+from typing import Final, Self
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, JsonValue, ValidationError, model_validator
@@ -32,6 +32,10 @@ from shared.errors import ConfigError
 from shared.schemas import CommandName, Severity
 
 logger = logging.getLogger(__name__)
+
+DEVICE_TTL_S: Final = 3600.0  # default: a device not evaluated this long is forgotten
+MAX_DEVICES: Final = 100_000  # default: devices with rule state at once
+SWEEP_S: Final = 1.0  # at most this often, devices idle for the TTL are swept out
 
 
 class CommandSpec(BaseModel):
@@ -107,26 +111,62 @@ class Firing:
 
 
 class _RuleState:
-    __slots__ = ("hits", "last_fired", "recent")
+    """One rule's memory of one device: its last ``n`` hits as bits of an int, and its cooldown."""
 
-    def __init__(self, n: int) -> None:
-        self.recent: deque[bool] = deque(maxlen=n)
+    __slots__ = ("bits", "count", "hits", "last_fired")
+
+    def __init__(self) -> None:
+        self.bits = 0  # bit 0: the newest window was a hit; bit n-1: the oldest of the last n
+        self.count = 0  # windows in ``bits`` (up to n)
         self.hits = 0
         self.last_fired = float("-inf")
 
 
-class RuleEngine:
-    """Evaluates every rule on every window. Single-threaded: only the decision thread calls it."""
+class _DeviceRules:
+    """Every rule's state for one device (``None``: the rule's device globs exclude it)."""
 
-    def __init__(self, rules: list[RuleSpec], class_names: list[str] | None = None) -> None:
+    __slots__ = ("states", "touched")
+
+    def __init__(self, states: list[_RuleState | None], now: float) -> None:
+        self.states = states
+        self.touched = now
+
+
+class RuleEngine:
+    """Evaluates every rule on every window. Single-threaded: only the decision thread calls it.
+
+    Per-device state is bounded: at most ``max_devices`` devices (the least recently evaluated go
+    first, ``evicted_full``), and a device not evaluated for ``device_ttl_s`` (or for the longest
+    rule cooldown, if longer: forgetting must not cut a cooldown short) is forgotten
+    (``evicted_idle``), swept at most every ``SWEEP_S``.
+    """
+
+    def __init__(
+        self,
+        rules: list[RuleSpec],
+        class_names: list[str] | None = None,
+        *,
+        device_ttl_s: float = DEVICE_TTL_S,
+        max_devices: int = MAX_DEVICES,
+    ) -> None:
         self.rules = rules
-        self._state: dict[tuple[str, str], _RuleState] = {}
+        self.max_devices = max_devices
+        self.ttl_s = max([device_ttl_s, *(r.cooldown_s for r in rules)])
+        self._full = [(1 << r.n) - 1 for r in rules]
+        # Least recently evaluated first: the TTL sweep and the LRU cap both pop from the front.
+        self._devices: OrderedDict[str, _DeviceRules] = OrderedDict()
+        self._next_sweep = float("-inf")
         self._rate: dict[str, deque[float]] = {r.name: deque() for r in rules}
         self._class_index: dict[str, int] = {}
         self.suppressed_cooldown = 0
         self.suppressed_rate = 0
         self.fired = 0
+        self.evicted_idle = 0
+        self.evicted_full = 0
         self.set_classes(class_names or [])
+
+    def __len__(self) -> int:
+        return len(self._devices)
 
     def set_classes(self, class_names: list[str]) -> None:
         """Map each rule's class to an output index (a new model may order classes differently)."""
@@ -138,27 +178,58 @@ class RuleEngine:
                     "rule %s: class %r is not one of the model's classes", rule.name, rule.class_name
                 )
 
+    def _device(self, device_id: str, now: float) -> _DeviceRules:
+        if now >= self._next_sweep:
+            self._sweep(now)
+        devices = self._devices
+        entry = devices.get(device_id)
+        if entry is None:
+            # Device globs are matched once per device, not on every window.
+            states: list[_RuleState | None] = [
+                _RuleState()
+                if rule.devices is None or any(fnmatch.fnmatchcase(device_id, g) for g in rule.devices)
+                else None
+                for rule in self.rules
+            ]
+            entry = devices[device_id] = _DeviceRules(states, now)
+            if len(devices) > self.max_devices:
+                devices.popitem(last=False)
+                self.evicted_full += 1
+        else:
+            devices.move_to_end(device_id)
+            entry.touched = now
+        return entry
+
+    def _sweep(self, now: float) -> None:
+        """Forget the devices not evaluated for ``ttl_s`` (the front of the LRU order)."""
+        self._next_sweep = now + SWEEP_S
+        cutoff = now - self.ttl_s
+        devices = self._devices
+        while devices and next(iter(devices.values())).touched < cutoff:
+            devices.popitem(last=False)
+            self.evicted_idle += 1
+
     def evaluate(
         self, device_id: str, probs: list[float], seq: int, ts: float, now: float | None = None
     ) -> list[Firing]:
         """The rules that fire for one device's window, given its class probabilities."""
         now = time.monotonic() if now is None else now
+        states = self._device(device_id, now).states
         out: list[Firing] = []
-        for rule in self.rules:
+        for i, rule in enumerate(self.rules):
+            state = states[i]
+            if state is None:
+                continue
             col = self._class_index.get(rule.name)
             if col is None:
                 continue
-            if rule.devices is not None and not any(fnmatch.fnmatchcase(device_id, g) for g in rule.devices):
-                continue
-            key = (rule.name, device_id)
-            state = self._state.get(key)
-            if state is None:
-                state = self._state[key] = _RuleState(rule.n)
             p = probs[col]
             hit = p >= rule.min_probability
-            if len(state.recent) == rule.n and state.recent[0]:
-                state.hits -= 1
-            state.recent.append(hit)
+            if state.count == rule.n:
+                state.hits -= (state.bits >> (rule.n - 1)) & 1  # the oldest window leaves the last n
+            else:
+                state.count += 1
+            state.bits = ((state.bits << 1) | hit) & self._full[i]
             state.hits += hit
             if state.hits < rule.k:
                 continue

@@ -24,6 +24,11 @@ logger = logging.getLogger(__name__)
 BACKEND_ORDER: Final = ("ai-edge-litert", "tflite-runtime", "tensorflow")
 # Batch sizes are padded up to these buckets so interpreters are not resized for every batch.
 _MIN_BUCKET: Final = 1
+# A resize re-allocates the interpreter's tensors (about a millisecond: a latency spike for that
+# batch). Growing is immediate; shrinking waits for this many batches in a row that would fit the
+# smaller size (padding a few rows costs microseconds), so light, uneven load does not resize back
+# and forth between 1, 2 and 4.
+SHRINK_AFTER_BATCHES: Final = 64
 
 
 @dataclass(frozen=True, slots=True)
@@ -118,6 +123,8 @@ class ModelRunner:
         self._mean = np.asarray(norm.mean, dtype=np.float32) if norm else None
         self._std = np.asarray(norm.std, dtype=np.float32) if norm else None
         self._batch = int(self._in["shape"][0])
+        self._smaller_in_a_row = 0
+        self.resizes = 0
         self.outputs_are_probabilities: bool | None = None
         self.check_against_manifest()
 
@@ -177,16 +184,30 @@ class ModelRunner:
         padded[:n] = x
         return padded
 
+    def _size_for(self, n: int) -> int:
+        """The tensor size to run ``n`` rows with: their bucket, or the current size while a smaller
+        bucket has not yet been enough for SHRINK_AFTER_BATCHES batches in a row."""
+        size = _bucket(n, self.max_batch)
+        if size >= self._batch:
+            self._smaller_in_a_row = 0
+            return size
+        self._smaller_in_a_row += 1
+        if self._smaller_in_a_row < SHRINK_AFTER_BATCHES:
+            return self._batch
+        self._smaller_in_a_row = 0
+        return size
+
     def _resize(self, batch_size: int) -> None:
         if batch_size != self._batch:
             self.interpreter.resize_tensor_input(self.input_index, [batch_size, *self.manifest.input_shape])
             self.interpreter.allocate_tensors()
             self._batch = batch_size
+            self.resizes += 1
 
     def predict(self, batch: np.ndarray) -> np.ndarray:
         """Probabilities (n, classes) float32 for a float32 batch of shape (n, *input_shape)."""
         n = int(batch.shape[0])
-        size = _bucket(n, self.max_batch)
+        size = self._size_for(n)
         x = self._prepare(batch, size)
         self._resize(size)
         self.interpreter.set_tensor(self.input_index, x)

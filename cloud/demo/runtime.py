@@ -291,10 +291,11 @@ def pipeline_config_file(topo: Topology) -> Path:
 
 def edge_env(options: DemoOptions, broker_kind: str) -> dict[str, str]:
     """Environment overrides of every edge: metrics interval, uplink share and budget, and no shared
-    subscription on amqtt."""
+    subscription (so one process per edge) on amqtt."""
     env = {}
     if broker_kind == "amqtt":
         env["EDGEFLEET_SHARE_GROUP"] = ""  # amqtt has no shared subscriptions (one edge only)
+        env["EDGEFLEET_PROCESSES"] = "1"  # nor, for the same reason, several processes per edge
     return env | {
         "EDGEFLEET_METRICS__PUBLISH_INTERVAL_S": str(options.metrics_interval_s),
         # Labelled drifted windows are what retraining learns from: send a share of ordinary

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
-from typing import Literal, Self
+from typing import Annotated, Literal, Self
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
 
@@ -119,6 +120,11 @@ class EdgeSettings(TierSettings):
         description="cloud: desired state, status, decisions, samples (default: the site broker)",
     )
     share_group: str | None = Field(default=None, description="split a site's devices: $share/<group>/...")
+    processes: Annotated[int, Field(ge=1, le=256)] | Literal["auto"] = Field(
+        default="auto",
+        description="worker processes of this edge (auto: one per CPU it may use); above 1 a supervisor "
+        "runs them in one shared-subscription group under one edge identity",
+    )
     data_dir: Path = Field(default=Path("var/edge"), description="models, uplink queue, state")
     model: ModelSettings = Field(default_factory=ModelSettings)
     rules_file: Path | None = Field(default=None, description="YAML rules file")
@@ -129,6 +135,12 @@ class EdgeSettings(TierSettings):
     metrics: MetricsSettings = Field(default_factory=MetricsSettings)
     dedup_window: int = Field(default=1024, ge=1, le=1_000_000, description="seqs remembered per device")
     dedup_max_devices: int = Field(default=100_000, ge=1)
+    device_ttl_s: float = Field(
+        default=3600.0,
+        ge=60,
+        description="a device silent this long is forgotten: dedup state, rule state (kept at least a "
+        "rule's cooldown), the device table and devices seen; a window of it after that is new to the edge",
+    )
     command_ttl_s: float = Field(default=30.0, gt=0)
     dead_letter_qos: Literal[0, 1] = 0
     gil_switch_interval_ms: float | None = Field(
@@ -144,6 +156,22 @@ class EdgeSettings(TierSettings):
         if self.model.manifest is not None and self.model.path is None:
             raise ValueError("model.manifest needs model.path")
         return self
+
+    @property
+    def process_count(self) -> int:
+        """``processes`` resolved: ``auto`` is the number of CPUs this process may run on (at least 1)."""
+        if self.processes != "auto":
+            return self.processes
+        try:
+            return max(1, len(os.sched_getaffinity(0)))
+        except AttributeError:  # not Linux
+            return max(1, os.cpu_count() or 1)
+
+    @property
+    def worker_share_group(self) -> str:
+        """The shared-subscription group of this edge's worker processes: ``share_group``, else
+        ``edgefleet-<edge_id>`` (so the workers split the site's telemetry between themselves)."""
+        return self.share_group or f"edgefleet-{self.edge_id}"
 
     @property
     def cloud(self) -> MqttSettings:

@@ -12,7 +12,13 @@ from edge_node.errors import BackendError
 from edge_node.ingest import Deduplicator
 from edge_node.models import derive_manifest
 from edge_node.rules import RuleEngine, RuleSpec, load_rules
-from edge_node.runtime import Backend, ModelRunner, load_backend, to_probabilities
+from edge_node.runtime import (
+    SHRINK_AFTER_BATCHES,
+    Backend,
+    ModelRunner,
+    load_backend,
+    to_probabilities,
+)
 from edge_node.synthetic import synthetic_dataset
 from edge_node.uplink import HardExampleMiner, UplinkQueue
 from shared.errors import ConfigError
@@ -76,6 +82,27 @@ def test_batched_results_equal_one_by_one(kind: str, edge_models: dict[str, Path
     np.testing.assert_allclose(batched, single, atol=1e-5)
     np.testing.assert_allclose(batched.sum(axis=1), 1.0, atol=0.05)
     assert (batched.argmax(axis=1) == y).mean() > 0.5  # a trained model, not noise
+
+
+def test_light_uneven_load_does_not_resize_the_interpreter_back_and_forth(
+    edge_models: dict[str, Path], tmp_path: Path
+) -> None:
+    settings = EdgeSettings(edge_id="e1", data_dir=tmp_path, model={"class_names": CLASS_NAMES})
+    backend = load_backend("auto")
+    path = edge_models["int8"]
+    content = path.read_bytes()
+    manifest = derive_manifest(content, path, backend, settings)
+    runner = ModelRunner(backend.make_interpreter(content, settings.runtime), manifest, max_batch=64)
+    x, _ = synthetic_dataset(8, seed=3)
+    expected = np.concatenate([runner.predict(x[i : i + 1]) for i in range(8)])
+    runner.predict(x[:4])  # grows at once
+    grown = runner.resizes
+    for i in range(SHRINK_AFTER_BATCHES - 1):  # 1- and 2-row batches run padded to 4: no resize
+        rows = x[i % 8 : i % 8 + 1 + i % 2]
+        np.testing.assert_allclose(runner.predict(rows), expected[i % 8 : i % 8 + len(rows)], atol=1e-5)
+    assert runner.resizes == grown
+    runner.predict(x[:1])  # a smaller size has fitted long enough: shrinks once
+    assert runner.resizes == grown + 1
 
 
 def test_int8_and_float32_models_agree(edge_models: dict[str, Path], tmp_path: Path) -> None:
