@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import gc
 import logging
-import queue
 import threading
 import time
 from collections import deque
@@ -36,18 +35,15 @@ from edge_node.inference import ActiveModel, BatchResult, InferenceWorkers, Mode
 from edge_node.ingest import DeadLetters, Deduplicator, Ingest, WindowItem
 from edge_node.metrics import EdgeCollector, EdgeStats, build_metrics_message, start_endpoint
 from edge_node.models import ModelManager, WorkerModels
+from edge_node.presence import CloudPresence
 from edge_node.rules import Firing, RuleEngine, RuleSpec, load_rules
 from edge_node.runtime import load_backend
 from edge_node.uplink import HardExampleMiner, UplinkQueue, UplinkSender
-from shared import __version__
 from shared.errors import MqttError
 from shared.mqtt import MqttLink, Publication, PublishHandle, Received
 from shared.schemas import (
     Decision,
-    DeploymentProgress,
-    EdgeStatus,
     OnlineState,
-    ReportedState,
     encode_message,
 )
 from shared.settings.edge import EdgeSettings
@@ -55,7 +51,6 @@ from shared.topics import DeviceTopic, EdgeTopic, Topics
 
 logger = logging.getLogger(__name__)
 
-POLL_S: Final = 0.1
 WARMUP_KEPT: Final = 32
 SITE_CONNECT_WAIT_S: Final = 10.0
 STOP_DRAIN_S: Final = 10.0
@@ -73,7 +68,7 @@ class _HeldBatch:
     deadline: float
 
 
-class EdgeNode:
+class EdgeNode(CloudPresence):
     """One edge process. ``start()`` returns once it is serving (or waiting for a first model)."""
 
     def __init__(
@@ -189,23 +184,7 @@ class EdgeNode:
         # (tests use it to prove no window is lost or classified twice across a swap).
         self.observer: Callable[[list[WindowItem], str], None] | None = None
 
-    # -- topics and publishing ----------------------------------------------------------------------
-    @property
-    def _status_topic(self) -> str:
-        return self.settings.cloud.topics.edge(self.settings.edge_id, EdgeTopic.STATUS)
-
-    def _status_payload(self, state: OnlineState, reason: str | None = None) -> bytes:
-        reported = self.manager.reported() if hasattr(self, "manager") else ReportedState()
-        return encode_message(
-            EdgeStatus(
-                edge_id=self.settings.edge_id,
-                state=state,
-                reason=reason,
-                version=__version__,
-                reported=reported,
-            )
-        )
-
+    # -- topics and publishing (status, progress, orders: presence.py) -------------------------------
     def _publish_site(self, topic: str, payload: bytes) -> None:
         self.site_link.publish(topic, payload, qos=1)
 
@@ -213,19 +192,6 @@ class EdgeNode:
         self.cloud_link.publish(
             self.cloud_topics.edge(self.edge_id, EdgeTopic.DEAD), payload, qos=self.settings.dead_letter_qos
         )
-
-    def _publish_devices(self, payload: bytes) -> None:
-        self.cloud_link.publish(self.cloud_topics.edge(self.edge_id, EdgeTopic.DEVICES), payload, qos=1)
-
-    def _publish_progress(self, progress: DeploymentProgress) -> None:
-        self.cloud_link.publish(
-            self.cloud_topics.edge(self.edge_id, EdgeTopic.DEPLOY), encode_message(progress), qos=1
-        )
-
-    def _publish_reported(self, _reported: ReportedState) -> None:
-        payload = self._status_payload(OnlineState.ONLINE)
-        self.cloud_link.set_birth(Publication(self._status_topic, payload, 1, True))
-        self.cloud_link.publish(self._status_topic, payload, qos=1, retain=True)
 
     def _expected_input(self) -> tuple[list[int], list[str] | None] | None:
         model = self.holder.current
@@ -548,16 +514,6 @@ class EdgeNode:
     def _decision_confirmed(self, _handle: PublishHandle) -> None:
         """On the cloud link's network thread: wake the site loop to PUBACK what this confirmed."""
         self.site_link.wake()
-
-    def _control_loop(self) -> None:
-        desired_topic = self.cloud_topics.edge(self.edge_id, EdgeTopic.DESIRED)
-        while not self.stop_event.is_set():
-            try:
-                msg = self.cloud_link.inbox.get(timeout=POLL_S)
-            except queue.Empty:
-                continue
-            if msg.topic == desired_topic:
-                self.manager.orders.put(msg.payload)
 
     def _metrics_loop(self) -> None:
         interval = self.settings.metrics.publish_interval_s

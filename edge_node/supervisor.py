@@ -62,15 +62,12 @@ from edge_node.inference import ActiveModel, ModelHolder
 from edge_node.metrics import EdgeCollector, build_metrics_message, start_endpoint
 from edge_node.model_check import check_in_child
 from edge_node.models import ModelManager
+from edge_node.presence import CloudPresence
 from edge_node.runtime import Backend
-from shared import __version__
 from shared.mqtt import MqttLink, Publication, Received
 from shared.schemas import (
-    DeploymentProgress,
-    EdgeStatus,
     ModelManifest,
     OnlineState,
-    ReportedState,
     encode_message,
 )
 from shared.settings.edge import EdgeSettings
@@ -449,7 +446,7 @@ class SupervisorCollector:
         yield per_worker
 
 
-class EdgeSupervisor:
+class EdgeSupervisor(CloudPresence):
     """A multi-process edge: ``run_forever()`` until ``stop_event`` is set (by a signal)."""
 
     def __init__(self, settings: EdgeSettings, processes: int) -> None:
@@ -502,30 +499,6 @@ class EdgeSupervisor:
         self.started = False
 
     # -- status and publishing ----------------------------------------------------------------------
-    @property
-    def _status_topic(self) -> str:
-        return self.cloud_topics.edge(self.edge_id, EdgeTopic.STATUS)
-
-    def _status_payload(self, state: OnlineState, reason: str | None = None) -> bytes:
-        reported = self.manager.reported() if hasattr(self, "manager") else ReportedState()
-        return encode_message(
-            EdgeStatus(
-                edge_id=self.edge_id, state=state, reason=reason, version=__version__, reported=reported
-            )
-        )
-
-    def _publish_devices(self, payload: bytes) -> None:
-        self.cloud_link.publish(self.cloud_topics.edge(self.edge_id, EdgeTopic.DEVICES), payload, qos=1)
-
-    def _publish_progress(self, progress: DeploymentProgress) -> None:
-        self.cloud_link.publish(
-            self.cloud_topics.edge(self.edge_id, EdgeTopic.DEPLOY), encode_message(progress), qos=1
-        )
-
-    def _publish_reported(self, _reported: ReportedState) -> None:
-        payload = self._status_payload(OnlineState.ONLINE)
-        self.cloud_link.set_birth(Publication(self._status_topic, payload, 1, True))
-        self.cloud_link.publish(self._status_topic, payload, qos=1, retain=True)
 
     def _on_swap(self, model: ActiveModel) -> None:
         logger.info("model %s active on every worker", model.manifest.ref)
@@ -624,16 +597,6 @@ class EdgeSupervisor:
                 self.devices.on_message(msg.topic, msg.payload)
             except Exception:  # one bad message must not stop the relay
                 logger.exception("error handling a message on %s", msg.topic)
-
-    def _control_loop(self) -> None:
-        desired_topic = self.cloud_topics.edge(self.edge_id, EdgeTopic.DESIRED)
-        while not self.stop_event.is_set():
-            try:
-                msg = self.cloud_link.inbox.get(timeout=POLL_S)
-            except queue.Empty:
-                continue
-            if msg.topic == desired_topic:
-                self.manager.orders.put(msg.payload)
 
     def _metrics_loop(self) -> None:
         interval = self.settings.metrics.publish_interval_s
