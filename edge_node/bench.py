@@ -204,6 +204,11 @@ def _drain_phase(mode: str, port: int, payloads: list[tuple[str, bytes]], model:
     return rate
 
 
+def _auto_processes() -> int:
+    """What ``processes: auto`` (the edge's default) gives on this machine."""
+    return EdgeSettings(edge_id=EDGE_ID).process_count
+
+
 class EdgeProcess:
     """``edgefleet edge run`` in a subprocess; reads its Prometheus endpoint; tracks its peak RSS."""
 
@@ -233,6 +238,7 @@ class EdgeProcess:
         }
         if processes is not None:  # else the default: auto
             config["processes"] = processes
+        self.processes = processes if processes is not None else _auto_processes()
         if rules is not None:
             config["rules_file"] = str(rules)
         for key, value in (overrides or {}).items():
@@ -331,7 +337,9 @@ class EdgeProcess:
     def site_sessions(self) -> list[str]:
         """The client ids of the edge's persistent site sessions (one per worker process, or one)."""
         base = f"edgefleet-edge-{self.edge_id}-site"
-        return [base, *(f"{base}-{k}" for k in range(os.cpu_count() or 1))]
+        if self.processes == 1:
+            return [base]
+        return [f"{base}-{k}" for k in range(self.processes)]
 
     def stop(self) -> None:
         """Stop the edge (SIGTERM, then SIGKILL after 30 s)."""
@@ -494,11 +502,6 @@ def _latency(
     return summary, len(measured), edge.peak_rss
 
 
-def _worker_processes() -> int:
-    """What ``--processes auto`` gives on this machine."""
-    return EdgeSettings(edge_id=EDGE_ID).process_count
-
-
 @click.command("edge")
 @click.option("--seconds", type=float, default=10.0, show_default=True, help="length of the latency phase")
 @click.option(
@@ -533,7 +536,7 @@ def bench_edge(seconds: float, windows: int, as_json: bool) -> None:  # noqa: AR
         "ratio_vs_raw": round(edge_rate / raw, 3),
         "ratio_1proc_vs_raw": round(one_rate / raw, 3),
         "ratio_vs_naive": round(edge_rate / naive, 3),
-        "edge_processes": _worker_processes(),
+        "edge_processes": _auto_processes(),
         "latency_ms": latency,
         "latency_1proc_ms": latency_1proc,
         "latency_samples": samples,

@@ -376,8 +376,8 @@ def run_fleet(
     rules.write_text(RULES_YAML)
     with PrivateMosquitto(workdir / "broker", fleet_broker_options()) as broker:
         assert broker.proc is not None
-        overrides = {"processes": edge_processes} if edge_processes else None  # None: the edge's default
-        edge = EdgeProcess(workdir, broker.port, model, rules, edge_id=EDGE_ID, overrides=overrides)
+        # processes None: the edge's default, as shipped
+        edge = EdgeProcess(workdir, broker.port, model, rules, edge_id=EDGE_ID, processes=edge_processes)
         clients = BrokerWatch(broker.port, EDGE_ID)
         sampler: ResourceSampler | None = None
         workers: list[Worker] = []

@@ -133,6 +133,23 @@ class EdgeStats:
         self.started = time.monotonic()
 
 
+class RateMeter:
+    """Windows per second from a running total, recomputed at most once a second."""
+
+    def __init__(self) -> None:
+        self.rate = 0.0
+        self._last = (time.monotonic(), 0)
+
+    def update(self, total: int) -> float:
+        """The rate as of ``total`` windows now (the previous one within a second of the last)."""
+        now = time.monotonic()
+        then, count = self._last
+        if now - then >= 1.0:
+            self.rate = max(0.0, (total - count) / (now - then))
+            self._last = (now, total)
+        return self.rate
+
+
 def percentiles(values: deque[float]) -> LatencySummary:
     """p50, p95 and p99 of ``values`` (seconds), in milliseconds."""
     if not values:

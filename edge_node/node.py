@@ -33,7 +33,7 @@ from edge_node.control import SeenDevices
 from edge_node.devices import DeviceTracker
 from edge_node.inference import ActiveModel, BatchResult, InferenceWorkers, ModelHolder
 from edge_node.ingest import DeadLetters, Deduplicator, Ingest, WindowItem
-from edge_node.metrics import EdgeCollector, EdgeStats, build_metrics_message, start_endpoint
+from edge_node.metrics import EdgeCollector, EdgeStats, RateMeter, build_metrics_message, start_endpoint
 from edge_node.models import ModelManager, WorkerModels
 from edge_node.presence import CloudPresence
 from edge_node.rules import Firing, RuleEngine, RuleSpec, load_rules
@@ -175,8 +175,7 @@ class EdgeNode(CloudPresence):
         self._ack_suffix = "/" + DeviceTopic.ACK.value
         self._queue_max = settings.batching.queue_max
         self._metrics_server: Any = None
-        self._last_rate = (time.monotonic(), 0)
-        self.rate = 0.0
+        self.rate_meter = RateMeter()
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(EdgeCollector(self.stats, self.snapshot))
         self.started = False
@@ -524,7 +523,7 @@ class EdgeNode(CloudPresence):
                 if self.worker_index is not None:  # the supervisor publishes the edge's (summed) metrics
                     continue
                 snap = self.snapshot()
-                message = build_metrics_message(self.edge_id, self.stats, snap, interval, self.rate)
+                message = build_metrics_message(self.edge_id, self.stats, snap, interval, snap["rate"])
                 self.cloud_link.publish(topic, encode_message(message), qos=0)
             except Exception:  # metrics must never take the node down
                 logger.exception("metrics publish failed")
@@ -532,11 +531,6 @@ class EdgeNode(CloudPresence):
     # -- introspection ------------------------------------------------------------------------------
     def snapshot(self) -> dict[str, Any]:
         """The counters the metrics endpoint and message report, as of now."""
-        now = time.monotonic()
-        then, count = self._last_rate
-        if now - then >= 1.0:
-            self.rate = (self.stats.windows_total - count) / (now - then)
-            self._last_rate = (now, self.stats.windows_total)
         model = self.holder.current
         return {
             "dead_by_reason": dict(self.dead.by_reason),
@@ -553,7 +547,7 @@ class EdgeNode(CloudPresence):
             "uplink_dropped": self.uplink.dropped,
             "uplink_delivered": self.uplink_sender.delivered,
             "work_depth": self.site_link.inbox.qsize(),
-            "rate": self.rate,
+            "rate": self.rate_meter.update(self.stats.windows_total),
             "commands_sent": self.commands.sent,
             "devices_known": len(self.devices),
             # Per-device tables: bounded in count, silent devices evicted (edge_node/ingest.py, rules.py,

@@ -59,7 +59,7 @@ from edge_node.control import (
 from edge_node.devices import DeviceTracker
 from edge_node.errors import ModelError
 from edge_node.inference import ActiveModel, ModelHolder
-from edge_node.metrics import EdgeCollector, build_metrics_message, start_endpoint
+from edge_node.metrics import EdgeCollector, RateMeter, build_metrics_message, start_endpoint
 from edge_node.model_check import check_in_child
 from edge_node.models import ModelManager
 from edge_node.presence import CloudPresence
@@ -492,8 +492,7 @@ class EdgeSupervisor(CloudPresence):
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(EdgeCollector(self.aggregator.stats, self.snapshot))
         self.registry.register(SupervisorCollector(self))
-        self.rate = 0.0
-        self._last_rate = (time.monotonic(), 0)
+        self.rate_meter = RateMeter()
         self._metrics_server: Any = None
         self._threads: list[threading.Thread] = []
         self.started = False
@@ -605,7 +604,7 @@ class EdgeSupervisor(CloudPresence):
             try:
                 snap = self.snapshot()
                 message = build_metrics_message(
-                    self.edge_id, self.aggregator.stats, snap, interval, self.rate
+                    self.edge_id, self.aggregator.stats, snap, interval, snap["rate"]
                 )
                 self.cloud_link.publish(topic, encode_message(message), qos=0)
             except Exception:  # metrics must never take the edge down
@@ -614,12 +613,6 @@ class EdgeSupervisor(CloudPresence):
     # -- introspection ------------------------------------------------------------------------------
     def snapshot(self) -> dict[str, Any]:
         """The edge's snapshot: the workers' summed, plus what only the supervisor knows."""
-        windows = self.aggregator.stats.windows_total
-        now = time.monotonic()
-        then, count = self._last_rate
-        if now - then >= 1.0:
-            self.rate = max(0.0, (windows - count) / (now - then))
-            self._last_rate = (now, windows)
         model = self.holder.current
         base: dict[str, Any] = {
             "dead_by_reason": {},
@@ -637,7 +630,7 @@ class EdgeSupervisor(CloudPresence):
         }
         snap = base | self.aggregator.snapshot()
         snap.update(
-            rate=self.rate,
+            rate=self.rate_meter.update(self.aggregator.stats.windows_total),
             devices_known=len(self.devices),
             swaps=self.holder.swaps,
             model_name=model.manifest.name if model else None,
