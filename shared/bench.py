@@ -20,6 +20,10 @@ BENCHMARKS: Final[dict[str, tuple[str, str]]] = {
         "cloud.bench.rollout:bench_rollout",
         "Rollout to N edges: time to all serving, lost windows.",
     ),
+    "console": (
+        "cloud.bench.console:bench_console",
+        "Console fleet page over N devices: time to first byte (p50/p95/max) vs /healthz.",
+    ),
 }
 
 

@@ -5,6 +5,8 @@
 - ``redis_server``: one private redis-server per session on a free port.
 - ``postgres_url``: a uniquely named database on the PostgreSQL at 127.0.0.1:5432 (trust auth,
   user postgres; ``.ci/run`` and ``scripts/setup`` make sure it answers), dropped after the session.
+- ``browser`` / ``page``: headless Debian chromium through Playwright (tests/support/browser.py); a
+  page's console errors fail its test. Missing chromium skips them outside CI (``$CI`` unset).
 
 A missing service FAILS the test (never skips): CI must not pass by testing less.
 """
@@ -13,13 +15,18 @@ from __future__ import annotations
 
 import os
 import shutil
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 
 from shared.private_broker import mosquitto_binary
 from tests.support.brokers import ADMIN_POSTGRES_URL, Mosquitto, PostgresDatabase, RedisServer
+from tests.support.browser import launch_browser, open_page, remember_report
+
+if TYPE_CHECKING:
+    from playwright.sync_api import Browser, Page
 
 
 @pytest.fixture
@@ -60,3 +67,26 @@ def postgres_url() -> Iterator[str]:
         )
     yield database.url
     database.drop()
+
+
+# --- Browser tests for the web console: Debian's chromium through Playwright (tests/support/browser.py).
+# Module-scoped: Playwright's sync API keeps an asyncio loop running on the main thread while it is
+# open, and later tests calling asyncio.run() (the load generator's) would find it there.
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Browser]:
+    """Headless chromium for one test module; skipped where it is missing, failed under CI."""
+    yield from launch_browser()
+
+
+@pytest.fixture
+def page(browser: Browser, request: pytest.FixtureRequest) -> Iterator[Page]:
+    """A fresh 1280x860 page; console errors fail the test, a failed test leaves a screenshot."""
+    yield from open_page(browser, request)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item) -> Generator[None, pytest.TestReport, pytest.TestReport]:
+    # The page fixture screenshots failed tests: it needs each phase's outcome at teardown.
+    report = yield
+    remember_report(item, report)
+    return report

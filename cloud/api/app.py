@@ -3,6 +3,8 @@
 Every route but ``/healthz`` needs ``Authorization: Bearer <token>``; tokens are created with
 ``edgefleet admin token create`` and stored hashed. There is no default token, in dev mode either.
 Artifact downloads accept ``edge`` tokens, answer range requests (206) and carry the sha256.
+The web console (``cloud.console``, a layer above this one) adds its pages to this app:
+``cloud.console.app.create_app`` is what ``edgefleet cloud api`` serves.
 
 This module only builds the app: the routes are in ``cloud.api.routes`` (one router per resource),
 their dependencies in ``cloud.api.deps``, their bodies in ``cloud.api.schemas``. Errors of the cloud

@@ -1,6 +1,8 @@
 """Bearer tokens of the admin API. Only the sha256 of a token is stored; the secret is shown once.
 
-Roles: ``admin`` may use every route; ``edge`` may only download artifacts (what an edge needs).
+Roles: ``viewer`` reads, ``operator`` also sends commands, edits device config and runs rollouts,
+``admin`` may do everything (tokens, users, enrolments, keys); each may what the one before may.
+``edge`` may only download artifacts (what an edge needs). The web console uses the same roles.
 Tokens are 32 random bytes, so a plain sha256 (no slow KDF) is the right hash: there is nothing to
 brute-force that a salt or stretching would protect."""
 
@@ -16,7 +18,9 @@ from cloud.errors import AuthError, PermissionDeniedError
 from cloud.registry import fleet
 from cloud.registry.db import session_scope
 
-ROLES = ("admin", "edge")
+ROLES = ("viewer", "operator", "admin", "edge")
+# Person roles in order: each may do what the ones before it may.
+PERSON_ROLES = ("viewer", "operator", "admin")
 TOKEN_PREFIX = "eft_"  # noqa: S105 - a visible marker, not a secret
 
 
@@ -26,6 +30,20 @@ class Principal:
 
     name: str
     role: str
+
+    def may(self, role: str) -> bool:
+        """Whether this principal may do what ``role`` needs."""
+        return role_allows(self.role, role)
+
+
+def role_allows(held: str, needed: str) -> bool:
+    """Whether a holder of role ``held`` may do what ``needed`` needs: admin may do everything, edge
+    only what edges need, a person role what it and the roles below it may."""
+    if held in {"admin", needed}:
+        return True
+    if held in PERSON_ROLES and needed in PERSON_ROLES:
+        return PERSON_ROLES.index(held) >= PERSON_ROLES.index(needed)
+    return False
 
 
 def hash_token(token: str) -> str:
@@ -55,7 +73,7 @@ def authenticate(*, database_url: str, token: str | None, role: str = "admin") -
             raise AuthError("unknown token")
         if found.revoked_at is not None:
             raise AuthError("revoked token")
-        if found.role not in ("admin", role):
+        if not role_allows(found.role, role):
             raise PermissionDeniedError(f"token {found.name!r} (role {found.role}) may not do this")
         found.last_used_at = time.time()
         return Principal(found.name, found.role)

@@ -73,6 +73,8 @@ def require(role: str) -> Callable[..., auth.Principal]:
 
 
 # Every route names the role it needs in its signature.
+Viewer = Annotated[auth.Principal, Depends(require("viewer"))]
+Operator = Annotated[auth.Principal, Depends(require("operator"))]
 Admin = Annotated[auth.Principal, Depends(require("admin"))]
 Edge = Annotated[auth.Principal, Depends(require("edge"))]
 

@@ -1,1 +1,1 @@
-"""Cloud benchmarks (``edgefleet bench compress|rollout``): each prints one JSON object."""
+"""Cloud benchmarks (``edgefleet bench compress|rollout|console``): each prints one JSON object."""

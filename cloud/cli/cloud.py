@@ -177,12 +177,15 @@ def publish_desired(
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", type=int, default=8080, show_default=True)
 def api(config_file: Path | None, host: str, port: int) -> None:
-    """Serve the admin HTTP API (bearer tokens: edgefleet admin token create)."""
+    """Serve the admin HTTP API (bearer tokens: edgefleet admin token create) and the web console at /."""
     import uvicorn  # noqa: PLC0415  (uvicorn: only to serve the API)
 
-    from cloud.api import create_app  # noqa: PLC0415  (FastAPI: only to serve the API)
+    from cloud.console.app import create_app  # noqa: PLC0415  (FastAPI: only to serve the API)
     from cloud.registry.db import upgrade  # noqa: PLC0415  (SQLAlchemy + Alembic: only for this command)
 
     settings = settings_from(config_file)
     upgrade(settings.resolved_database_url)
-    uvicorn.run(create_app(settings), host=host, port=port, log_level="info")
+    # Not "console: ...": that line is the demo's one-time sign-in link.
+    click.echo(f"serving the API and the web console on http://{host}:{port}/", err=True)
+    # Open event streams of console pages would otherwise hold a stop until they end.
+    uvicorn.run(create_app(settings), host=host, port=port, log_level="info", timeout_graceful_shutdown=3)

@@ -77,6 +77,13 @@ from cloud.errors import DemoInterruptedError, SupervisorError
     help="fault injection instead of drift: baseline, fault, heal, recovery, accounting "
     "(docs/demo.md#scenarios); exits 1 if a window was lost uncounted or service did not recover",
 )
+@click.option(
+    "--console-port",
+    type=click.IntRange(1, 65535),
+    default=None,
+    help="port of the web console on 127.0.0.1 (default: a free port); its sign-in link goes to stderr",
+)
+@click.option("--no-console", is_flag=True, help="do not start the web console")
 def demo(  # noqa: PLR0917 - click passes every option
     devices: int,
     edges: int,
@@ -91,11 +98,14 @@ def demo(  # noqa: PLR0917 - click passes every option
     devices_in_one_process: bool,
     deploy_mode: str,
     scenario: str | None,
+    console_port: int | None,
+    no_console: bool,
 ) -> None:
-    """Run the whole topology here: broker, Redis/Celery, cloud worker/beat/ingest, edges, devices.
+    """Run the whole topology here: broker, Redis/Celery, cloud worker/beat/ingest/console, edges, devices.
 
     Trains the first model if there is none, rolls it out, streams, injects drift half-way, and lets
-    the learning loop recover. Ctrl-C stops every process it started. Exits 1 if windows were lost.
+    the learning loop recover. Prints the web console's one-time sign-in link on stderr. Ctrl-C
+    stops every process it started. Exits 1 if windows were lost.
     """
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     options = rt.DemoOptions(
@@ -110,6 +120,8 @@ def demo(  # noqa: PLR0917 - click passes every option
         broker=broker_kind,
         scenario=scenario,
         deploy_mode=deploy_mode,
+        console=not no_console,
+        console_port=console_port,
     )
     headless = headless or not sys.stdout.isatty()
     runner: Demo
@@ -121,15 +133,8 @@ def demo(  # noqa: PLR0917 - click passes every option
     else:
         runner = Demo(options, headless=headless, as_json=as_json)
     try:
-        if runner.headless:
-            summary = runner.run()
-        else:
-            from rich.live import Live  # noqa: PLC0415  (rich: only for the live dashboard)
-
-            with Live(runner._render(), refresh_per_second=2, transient=False) as live:
-                runner._live = live
-                summary = runner.run()
-            runner._live = None
+        # The live dashboard (unless headless) starts once the console's sign-in link is printed.
+        summary = runner.run()
     except DemoInterruptedError as exc:
         click.echo(f"demo: {exc} received; every process it started is stopped", err=True)
         sys.exit(130)

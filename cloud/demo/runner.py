@@ -13,6 +13,7 @@ from typing import Any
 from cloud.demo import runtime as rt
 from cloud.demo.supervisor import Supervisor, tail
 from cloud.errors import DemoInterruptedError, SupervisorError
+from shared.private_broker import free_port
 
 logger = logging.getLogger(__name__)
 
@@ -122,6 +123,7 @@ class Demo:
         self.status: dict[str, Any] = {}
         self._last_line = 0.0
         self._live: Any = None
+        self.console_url: str | None = None
 
     # -- output ------------------------------------------------------------------------------------
     def say(self, text: str) -> None:
@@ -146,8 +148,38 @@ class Demo:
             for s in old:
                 signal.signal(s, signal.SIG_IGN)
             self._shutdown()
+            self._stop_dashboard()
             for s, handler in old.items():
                 signal.signal(s, handler)
+
+    def _start_dashboard(self) -> None:
+        """The live dashboard (unless headless), once the lines that must stay readable are printed."""
+        if self.headless or self._live is not None:
+            return
+        from rich.live import Live  # noqa: PLC0415  (rich: only for the live dashboard)
+
+        self._live = Live(self._render(), refresh_per_second=2, transient=False)
+        self._live.start()
+
+    def _stop_dashboard(self) -> None:
+        if self._live is not None:
+            self._live.stop()
+            self._live = None
+
+    def _start_console(self, topo: rt.Topology) -> None:
+        """Serve the console and print its one-time sign-in link on stderr (stdout may be JSON)."""
+        options = self.options
+        if not options.console:
+            return
+        port = options.console_port or free_port()
+        self.phase = "starting the console"
+        rt.start_console(topo, port)
+        # Valid for the whole run (it works once): the demo may stream for hours.
+        ttl_s = max(3600.0, options.duration_s + options.wait_recovery_s + 2 * SERVE_TIMEOUT_S)
+        secret = rt.console_signin_link(self.settings.resolved_database_url, ttl_s=ttl_s)
+        self.console_url = f"http://127.0.0.1:{port}/"
+        print(f"console: http://127.0.0.1:{port}/signin/link/{secret}", file=sys.stderr, flush=True)
+        self.phase = "starting"
 
     def _shutdown(self) -> None:
         if self.monitor is not None:
@@ -187,6 +219,8 @@ class Demo:
         )
         self._prepare_topology(topo)
         self._start_cloud(topo)
+        self._start_console(topo)
+        self._start_dashboard()
         from cloud.demo.monitor import Monitor  # noqa: PLC0415  (pydantic, paho: not for --help)
 
         self.monitor = Monitor(broker_url, edge_ids=edge_ids)
@@ -514,6 +548,7 @@ class Demo:
             "rollout": status.get("rollout"),
             "triggers": [{"kind": t["kind"], "reason": t["reason"]} for t in status["triggers"]],
             "labelled_samples": status["labelled_samples"],
+            "console_url": self.console_url,
         }
 
 

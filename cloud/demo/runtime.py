@@ -11,6 +11,9 @@ import os
 import shutil
 import sqlite3
 import sys
+import time
+import urllib.error
+import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -67,6 +70,8 @@ class DemoOptions:
     seed: int = 0
     scenario: str | None = None  # a fault-injection scenario (cloud/demo_scenarios.py) instead of drift
     deploy_mode: str = "rollout"  # how retrained models reach the edges: rollout | direct
+    console: bool = True  # serve the web console (``edgefleet cloud api``) and print a sign-in link
+    console_port: int | None = None  # default: a free port
 
 
 @dataclass
@@ -256,6 +261,48 @@ def start_cloud(topo: Topology, services: tuple[str, ...] = CLOUD_SERVICES) -> N
     for name in CLOUD_SERVICES:
         if name in services and name not in running:
             sup.start(name, argvs[name], env=env)
+
+
+CONSOLE_TIMEOUT_S = 60.0  # the console process imports FastAPI and migrates the registry first
+
+
+def start_console(topo: Topology, port: int) -> None:
+    """Start ``edgefleet cloud api`` (the admin API and the web console) on ``127.0.0.1:port`` with the
+    cloud's environment (the same registry), and wait until ``/healthz`` answers."""
+    child = topo.supervisor.start(
+        "cloud-api",
+        [*edgefleet_argv(), "cloud", "api", "--host", "127.0.0.1", "--port", str(port)],
+        env=topo.cloud_env,
+    )
+    topo.supervisor.wait_port(child, port, timeout=CONSOLE_TIMEOUT_S)
+    deadline = time.monotonic() + CONSOLE_TIMEOUT_S
+    while True:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=2.0) as answer:
+                if answer.status == 200:
+                    return
+        except (urllib.error.URLError, OSError) as exc:
+            logger.debug("console not answering yet: %s", exc)
+        if not child.running or time.monotonic() > deadline:
+            raise SupervisorError(
+                f"the console (cloud-api) does not answer on 127.0.0.1:{port}; its log {child.log_path}:\n"
+                f"{tail(child.log_path)}"
+            )
+        time.sleep(0.25)
+
+
+def console_signin_link(database_url: str, *, ttl_s: float) -> str:
+    """A one-time admin sign-in secret named ``demo`` (audited like ``edgefleet admin signin-link``)."""
+    from cloud.console.auth import create_signin_link  # noqa: PLC0415  (SQLAlchemy: not for --help)
+    from cloud.registry import crud  # noqa: PLC0415  (SQLAlchemy: not for --help)
+    from cloud.registry.db import session_scope  # noqa: PLC0415  (SQLAlchemy: not for --help)
+
+    secret = create_signin_link(database_url=database_url, name="demo", role="admin", ttl_s=ttl_s)
+    with session_scope(database_url) as session:
+        crud.audit(
+            session, actor="demo", action="signin_link_create", target="demo", detail={"role": "admin"}
+        )
+    return secret
 
 
 # Retrained models go through the rollout engine: edge-1 as the canary, then the rest in one wave.

@@ -86,6 +86,12 @@ class Device(Base):
     last_seen: Mapped[float | None] = mapped_column(Float)
     created_at: Mapped[float] = mapped_column(Float, default=_now)
 
+    __table_args__ = (
+        Index("ix_devices_state", "state"),
+        Index("ix_devices_edge_id", "edge_id"),
+        Index("ix_devices_last_seen", "last_seen"),
+    )
+
 
 class DeviceDesiredConfig(Base):
     """The config overrides the operator wants a device to run (migration 0003); published retained
@@ -146,6 +152,7 @@ class Sample(Base):
     __table_args__ = (
         Index("ix_samples_label_source", "label_source"),
         Index("ix_samples_received_at", "received_at"),
+        Index("ix_samples_device_id_ts", "device_id", "ts"),
     )
 
 
@@ -253,6 +260,8 @@ class CommandRecord(Base):
     ack_result: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     acked_at: Mapped[float | None] = mapped_column(Float)
 
+    __table_args__ = (Index("ix_commands_device_id_issued_at", "device_id", "issued_at"),)
+
 
 class Decision(Base):
     """A local decision an edge took on a device's window: the rule, the class and its probability."""
@@ -269,6 +278,11 @@ class Decision(Base):
     severity: Mapped[str] = mapped_column(String(16))
     model_version: Mapped[str | None] = mapped_column(String(64))
     ts: Mapped[float] = mapped_column(Float)
+
+    __table_args__ = (
+        Index("ix_decisions_device_id_ts", "device_id", "ts"),
+        Index("ix_decisions_ts", "ts"),
+    )
 
 
 class EdgeMetricsRecord(Base):
@@ -305,6 +319,11 @@ class DeadLetterRecord(Base):
     payload: Mapped[bytes] = mapped_column(LargeBinary)
     payload_size: Mapped[int] = mapped_column(Integer)
     ts: Mapped[float] = mapped_column(Float, default=_now)
+
+    __table_args__ = (
+        Index("ix_dead_letters_source_ts", "source", "ts"),
+        Index("ix_dead_letters_ts", "ts"),
+    )
 
 
 class ProcessedMessage(Base):
@@ -362,6 +381,8 @@ class Trigger(Base):
     detail: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     run_id: Mapped[int | None] = mapped_column(Integer)
     ts: Mapped[float] = mapped_column(Float, default=_now)
+
+    __table_args__ = (Index("ix_triggers_ts", "ts"),)
 
 
 class AuditLog(Base):
@@ -447,10 +468,55 @@ class ApiToken(Base):
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     name: Mapped[str] = mapped_column(String(64), unique=True)
     role: Mapped[str] = mapped_column(
-        String(16), default="admin", doc="admin (everything) or edge (downloads)"
+        String(16), default="admin", doc="viewer, operator, admin (each may what the one before may) or edge"
     )
     token_hash: Mapped[str] = mapped_column(String(64), unique=True)
     prefix: Mapped[str] = mapped_column(String(16), doc="first characters, to recognise a token in a list")
     created_at: Mapped[float] = mapped_column(Float, default=_now)
     last_used_at: Mapped[float | None] = mapped_column(Float)
     revoked_at: Mapped[float | None] = mapped_column(Float)
+
+
+class ConsoleUser(Base):
+    """A person who signs in to the web console with a password (stored as a scrypt hash)."""
+
+    __tablename__ = "console_users"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    username: Mapped[str] = mapped_column(String(64), unique=True)
+    role: Mapped[str] = mapped_column(String(16), doc="viewer, operator or admin")
+    password_hash: Mapped[str] = mapped_column(String(256))
+    created_at: Mapped[float] = mapped_column(Float, default=_now)
+    last_login_at: Mapped[float | None] = mapped_column(Float)
+    disabled_at: Mapped[float | None] = mapped_column(Float)
+
+
+class ConsoleSession(Base):
+    """A signed-in browser: the cookie's sha256 (never the cookie), who it is, its role and CSRF token.
+
+    ``principal`` is ``user:NAME``, ``token:NAME`` or ``link:NAME``: each request re-checks that the
+    user or token behind it still exists and is not disabled or revoked."""
+
+    __tablename__ = "console_sessions"
+
+    session_hash: Mapped[str] = mapped_column(String(64), primary_key=True)
+    principal: Mapped[str] = mapped_column(String(160))
+    role: Mapped[str] = mapped_column(String(16))
+    csrf_token: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[float] = mapped_column(Float, default=_now)
+    expires_at: Mapped[float] = mapped_column(Float)
+    last_seen_at: Mapped[float] = mapped_column(Float, default=_now)
+
+
+class ConsoleSigninLink(Base):
+    """A one-time sign-in link (the demo prints one): its secret's sha256, the role it grants, when it
+    expires and when it was used (a used link signs nobody in again)."""
+
+    __tablename__ = "console_signin_links"
+
+    link_hash: Mapped[str] = mapped_column(String(64), primary_key=True)
+    name: Mapped[str] = mapped_column(String(64))
+    role: Mapped[str] = mapped_column(String(16))
+    created_at: Mapped[float] = mapped_column(Float, default=_now)
+    expires_at: Mapped[float] = mapped_column(Float)
+    used_at: Mapped[float | None] = mapped_column(Float)

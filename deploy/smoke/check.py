@@ -2,6 +2,7 @@
 
 Passes (exit 0) when, within ``SMOKE_TIMEOUT_S``:
 
+0. the web console's sign-in page (``SMOKE_CONSOLE_URL``, when set) answers HTTP 200;
 1. every expected edge reports online with a deployed model version (retained edge status), the
    first model having gone cloud -> desired state -> artifact download -> signature check -> swap;
 2. at least ``SMOKE_DEVICES`` devices are online and their telemetry windows flow;
@@ -13,7 +14,8 @@ Passes (exit 0) when, within ``SMOKE_TIMEOUT_S``:
 
 Otherwise it exits 1 naming what did not happen. Topics and messages come from ``shared.topics``
 and ``shared.schemas`` only. Environment: SMOKE_BROKER (mqtt://mosquitto:1883), SMOKE_USERNAME,
-SMOKE_PASSWORD, SMOKE_EDGES ("edge-1 edge-2"), SMOKE_DEVICES (1), SMOKE_RULE, SMOKE_TIMEOUT_S (600).
+SMOKE_PASSWORD, SMOKE_EDGES ("edge-1 edge-2"), SMOKE_DEVICES (1), SMOKE_RULE, SMOKE_TIMEOUT_S (600),
+SMOKE_CONSOLE_URL (e.g. http://cloud-api:8080/signin; unset: not checked).
 """
 
 from __future__ import annotations
@@ -24,6 +26,8 @@ import os
 import queue
 import sys
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -76,8 +80,18 @@ class Observed:
 class Smoke:
     """One smoke run: a subscriber on the fleet's topics that waits for each stage in turn."""
 
-    def __init__(self, settings: MqttSettings, *, edges: list[str], devices: int, rule: str) -> None:
+    def __init__(
+        self,
+        settings: MqttSettings,
+        *,
+        edges: list[str],
+        devices: int,
+        rule: str,
+        console_url: str | None = None,
+    ) -> None:
         self.topics: Topics = settings.topics
+        self.console_url = console_url
+        self.console_status: int | None = None
         self.edges = edges
         self.min_devices = devices
         self.rule = rule
@@ -159,6 +173,19 @@ class Smoke:
                 print(f"[{now - self.started:6.1f} s] waiting for {what}: {self.summary()}", flush=True)
         print(f"[{time.monotonic() - self.started:6.1f} s] ok: {what}", flush=True)
 
+    def console_answers(self) -> bool:
+        """Whether the console's sign-in page answers 200 (an HTML page, no session needed)."""
+        assert self.console_url is not None
+        try:
+            with urllib.request.urlopen(self.console_url, timeout=5) as answer:  # noqa: S310 - http(s) URL from the compose file
+                self.console_status = answer.status
+        except urllib.error.HTTPError as exc:
+            self.console_status = exc.code
+        except (urllib.error.URLError, OSError) as exc:
+            logger.debug("console not answering yet: %s", exc)
+            return False
+        return self.console_status == 200
+
     def models_on_edges(self) -> bool:
         """Stage 1: every expected edge is online and reports a model version."""
         return all(edge in self.seen.edge_online and self.seen.edge_versions.get(edge) for edge in self.edges)
@@ -201,6 +228,10 @@ class Smoke:
         """Run the stages in order within ``timeout``, then the closed loop; returns what passed, as JSON."""
         deadline = self.started + timeout
         self.connect(max(1.0, deadline - time.monotonic()))
+        if self.console_url:
+            self.wait_for(
+                f"the console's sign-in page {self.console_url} (HTTP 200)", self.console_answers, deadline
+            )
         self.wait_for(
             f"a model version on every edge ({', '.join(self.edges)})", self.models_on_edges, deadline
         )
@@ -249,6 +280,7 @@ class Smoke:
                 "ack": str(self.seen.acks[command_id].status),
             },
             "bad_messages": self.seen.bad_messages,
+            "console": {"url": self.console_url, "status": self.console_status} if self.console_url else None,
         }
 
     def summary(self) -> str:
@@ -266,6 +298,7 @@ class Smoke:
                 "commands": len(seen.commands),
                 "acks": len(seen.acks),
                 "bad_messages": seen.bad_messages,
+                "console_status": self.console_status,
             },
             sort_keys=True,
         )
@@ -290,6 +323,7 @@ def main() -> int:
         edges=env.get("SMOKE_EDGES", "edge-1 edge-2").split(),
         devices=int(env.get("SMOKE_DEVICES", "1")),
         rule=env.get("SMOKE_RULE", "stop_on_bearing_fault"),
+        console_url=env.get("SMOKE_CONSOLE_URL") or None,
     )
     timeout = float(env.get("SMOKE_TIMEOUT_S", "600"))
     try:

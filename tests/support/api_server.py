@@ -1,5 +1,5 @@
-"""The real admin API for tests: uvicorn in a thread on a loopback port, and the CLI over the same
-registry."""
+"""The real admin API (with the console) for tests: uvicorn in a thread on a loopback port, and
+the CLI over the same registry."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from contextlib import contextmanager
 import uvicorn
 from click.testing import CliRunner
 
-from cloud.api import create_app
+from cloud.console.app import create_app
 from shared.cli import cli as edgefleet
 from shared.private_broker import free_port
 from shared.settings import CloudSettings
@@ -24,7 +24,14 @@ def running_api(settings: CloudSettings, port: int | None = None) -> Iterator[st
     """Serve the admin API over ``settings`` (on ``port``, or a free one); yields its base URL."""
     port = port if port is not None else free_port()
     server = uvicorn.Server(
-        uvicorn.Config(create_app(settings), host="127.0.0.1", port=port, log_level="warning")
+        uvicorn.Config(
+            create_app(settings),
+            host="127.0.0.1",
+            port=port,
+            log_level="warning",
+            # Open event streams (console pages) must not hold the server's stop for long.
+            timeout_graceful_shutdown=2,
+        )
     )
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
@@ -39,7 +46,7 @@ def running_api(settings: CloudSettings, port: int | None = None) -> Iterator[st
         thread.join(10)
 
 
-def run_cli(settings: CloudSettings, *args: str) -> str:
+def run_cli(settings: CloudSettings, *args: str, stdin: str | None = None) -> str:
     """``edgefleet ARGS`` on the registry of ``settings``; its output (the command must succeed)."""
     result = CliRunner().invoke(
         edgefleet,
@@ -48,6 +55,7 @@ def run_cli(settings: CloudSettings, *args: str) -> str:
             "EDGEFLEET_DATABASE_URL": settings.resolved_database_url,
             "EDGEFLEET_DATA_DIR": str(settings.data_dir),
         },
+        input=stdin,
         catch_exceptions=False,
     )
     assert result.exit_code == 0, result.output

@@ -28,6 +28,7 @@ SERVICES = {
     "cloud-worker",
     "cloud-beat",
     "cloud-ingest",
+    "cloud-api",
     "flower",
     "edge-node-1",
     "edge-node-2",
@@ -64,12 +65,21 @@ def test_smoke_override_validates_and_adds_the_checker() -> None:
     services = _merged(COMPOSE, SMOKE)["services"]
     assert set(services) == SERVICES | {"smoke"}
     assert services["smoke"]["command"][-1] == "/etc/edgefleet/smoke/check.py"
+    assert services["smoke"]["environment"]["SMOKE_CONSOLE_URL"] == "http://cloud-api:8080/signin"
 
 
 def test_every_service_waits_for_healthy_dependencies() -> None:
     services = _merged(COMPOSE)["services"]
     assert set(services) == SERVICES
-    for name in ("mosquitto", "redis", "postgres", "cloud-artifacts", "edge-node-1", "edge-node-2"):
+    for name in (
+        "mosquitto",
+        "redis",
+        "postgres",
+        "cloud-artifacts",
+        "cloud-api",
+        "edge-node-1",
+        "edge-node-2",
+    ):
         assert "healthcheck" in services[name], name
     for name, service in services.items():
         for dep, spec in (service.get("depends_on") or {}).items():
@@ -78,6 +88,27 @@ def test_every_service_waits_for_healthy_dependencies() -> None:
                 assert condition == "service_healthy", (name, dep)
             elif dep == "cloud-bootstrap":
                 assert condition == "service_completed_successfully", (name, dep)
+
+
+def test_console_is_published_on_this_host_only() -> None:
+    services = _merged(COMPOSE)["services"]
+    api = services["cloud-api"]
+    assert api["command"][-7:] == [
+        "api",
+        "--config",
+        "/etc/edgefleet/config/cloud.yaml",
+        "--host",
+        "0.0.0.0",
+        "--port",
+        "8080",
+    ]
+    assert api["environment"] == services["cloud-worker"]["environment"]  # the same registry
+    assert [str(p).removesuffix("/tcp") for p in api["ports"]] == ["127.0.0.1:8080:8080"]
+    assert "/healthz" in " ".join(api["healthcheck"]["test"])
+    # Nothing of the topology is published beyond loopback.
+    for name, service in services.items():
+        for port in service.get("ports") or []:
+            assert str(port).startswith("127.0.0.1:"), (name, port)
 
 
 def test_edges_split_devices_and_have_distinct_ids() -> None:

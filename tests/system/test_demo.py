@@ -7,12 +7,14 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import httpx
 import psutil
 import pytest
 
@@ -24,6 +26,7 @@ pytestmark = [
 ]
 
 DEMO_TIMEOUT_S = 900
+CONSOLE_LINE = re.compile(r"^console: (http://127\.0\.0\.1:\d+/)signin/link/\S+$", re.MULTILINE)
 
 
 def _demo_argv(data_dir: Path, *extra: str) -> list[str]:
@@ -68,6 +71,9 @@ def test_demo_headless_recovers_from_drift_without_losing_windows(tmp_path: Path
     )
     assert done.returncode == 0, done.stderr[-4000:]
     summary = json.loads(done.stdout)
+    # The console's one-time sign-in link goes to stderr, once (stdout stays pure JSON).
+    links = CONSOLE_LINE.findall(done.stderr)
+    assert links == [summary["console_url"]], done.stderr[-4000:]
     windows, accuracy = summary["windows"], summary["accuracy"]
     assert windows["lost"] == 0, summary
     assert windows["sent"] > 0
@@ -108,7 +114,14 @@ def test_interrupted_demo_stops_every_process(tmp_path: Path) -> None:
                 assert proc.poll() is None, (tmp_path / "demo.log").read_text()[-4000:]
                 assert time.monotonic() < deadline, "the demo never started streaming"
                 time.sleep(1)
-            assert len(_leftovers(data_dir)) >= 8  # broker, redis, worker, beat, ingest, 2 edges, devices
+            # broker, redis, worker, beat, ingest, console, 2 edges, devices
+            assert len(_leftovers(data_dir)) >= 9
+            # The printed link signs in once: a session cookie and off to the fleet page.
+            link = CONSOLE_LINE.search((tmp_path / "demo.log").read_text())
+            assert link is not None
+            answer = httpx.get(link.group(0).removeprefix("console: "), follow_redirects=False)
+            assert answer.status_code == 303
+            assert "ef_session=" in answer.headers["set-cookie"]
             proc.send_signal(signal.SIGINT)
             assert proc.wait(timeout=120) == 130
         finally:

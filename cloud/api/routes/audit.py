@@ -6,7 +6,7 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Query
 
-from cloud.api.deps import AUTH_RESPONSES, Admin, SessionDep
+from cloud.api.deps import AUTH_RESPONSES, SessionDep, Viewer
 from cloud.api.schemas import AuditEntry
 from cloud.registry import fleet
 
@@ -15,7 +15,7 @@ router = APIRouter(prefix="/v1/audit", tags=["audit"], responses=AUTH_RESPONSES)
 
 @router.get("", response_model=list[AuditEntry])
 def audit_log(
-    _who: Admin,
+    _who: Viewer,
     session: SessionDep,
     limit: Annotated[int, Query(ge=1, le=1000)] = 50,
     action: str | None = None,

@@ -7,7 +7,7 @@ from typing import Any
 
 from fastapi import APIRouter
 
-from cloud.api.deps import AUTH_RESPONSES, Admin, SettingsDep
+from cloud.api.deps import AUTH_RESPONSES, Operator, SettingsDep
 from cloud.api.schemas import CommandRequest, CommandResult, ErrorDetail
 from cloud.fleet import commands
 
@@ -17,7 +17,7 @@ router = APIRouter(prefix="/v1/commands", tags=["commands"], responses=AUTH_RESP
 @router.post(
     "", response_model=CommandResult, responses={400: {"model": ErrorDetail}, 404: {"model": ErrorDetail}}
 )
-def send_command(body: CommandRequest, who: Admin, settings: SettingsDep) -> dict[str, Any]:
+def send_command(body: CommandRequest, who: Operator, settings: SettingsDep) -> dict[str, Any]:
     """Send a command to one device, a group or tag, or every device behind an edge, and wait up to
     ``wait_s`` for their acks (later acks are recorded by the ingest)."""
     targets = commands.resolve_targets(

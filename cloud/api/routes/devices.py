@@ -6,7 +6,7 @@ from typing import Any
 
 from fastapi import APIRouter
 
-from cloud.api.deps import AUTH_RESPONSES, Admin, SessionDep, SettingsDep
+from cloud.api.deps import AUTH_RESPONSES, Operator, SessionDep, SettingsDep, Viewer
 from cloud.api.schemas import DeviceConfigRequest, DeviceConfigResult, DeviceDetail, DeviceRow, ErrorDetail
 from cloud.fleet import device_config
 from cloud.registry import fleet
@@ -15,14 +15,14 @@ router = APIRouter(prefix="/v1/fleet/devices", tags=["fleet"], responses=AUTH_RE
 
 
 @router.get("", response_model=list[DeviceRow])
-def list_devices(_who: Admin, session: SessionDep) -> list[dict[str, Any]]:
+def list_devices(_who: Viewer, session: SessionDep) -> list[dict[str, Any]]:
     """Every device: its edge, online state, last seen, group, tags, desired vs reported config
     revision (``config_in_sync``) and health."""
     return fleet.fleet_devices(session)
 
 
 @router.get("/{device_id}", response_model=DeviceDetail, responses={404: {"model": ErrorDetail}})
-def show_device(device_id: str, _who: Admin, session: SessionDep) -> dict[str, Any]:
+def show_device(device_id: str, _who: Viewer, session: SessionDep) -> dict[str, Any]:
     """One device: its fleet row, desired vs reported config, what its birth said and its last
     heartbeat's health figures."""
     return fleet.fleet_device(session, device_id=device_id)
@@ -37,7 +37,7 @@ def show_device(device_id: str, _who: Admin, session: SessionDep) -> dict[str, A
     },
 )
 def set_device_config(
-    device_id: str, body: DeviceConfigRequest, who: Admin, settings: SettingsDep
+    device_id: str, body: DeviceConfigRequest, who: Operator, settings: SettingsDep
 ) -> dict[str, Any]:
     """A new desired-config revision, published retained on the device's desired topic; an
     empty body publishes the current one again."""

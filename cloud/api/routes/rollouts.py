@@ -6,7 +6,7 @@ from typing import Any
 
 from fastapi import APIRouter, HTTPException
 
-from cloud.api.deps import AUTH_RESPONSES, Admin, DatabaseUrlDep, SessionDep, SettingsDep
+from cloud.api.deps import AUTH_RESPONSES, DatabaseUrlDep, Operator, SessionDep, SettingsDep, Viewer
 from cloud.api.schemas import ErrorDetail, RolloutRequest, RolloutStatus
 from cloud.errors import NotFoundError
 from cloud.fleet import rollouts
@@ -20,7 +20,7 @@ ACTIONS = ("pause", "resume", "abort")
 
 
 @router.get("", response_model=list[RolloutStatus])
-def list_rollouts(_who: Admin, session: SessionDep) -> list[dict[str, Any]]:
+def list_rollouts(_who: Viewer, session: SessionDep) -> list[dict[str, Any]]:
     """The newest rollouts with their targets and gate results."""
     return [rollouts.describe(r) for r in fleet.list_rollouts(session)]
 
@@ -32,7 +32,7 @@ def list_rollouts(_who: Admin, session: SessionDep) -> list[dict[str, Any]]:
     responses={400: {"model": ErrorDetail}, 404: {"model": ErrorDetail}},
 )
 def start_rollout(
-    body: RolloutRequest, who: Admin, settings: SettingsDep, url: DatabaseUrlDep
+    body: RolloutRequest, who: Operator, settings: SettingsDep, url: DatabaseUrlDep
 ) -> dict[str, Any]:
     """Record a rollout of ``model`` to ``edges``, a ``group`` or ``all`` edges (exactly one): a canary
     cohort, then ``waves`` waves; the engine publishes the first wave on its next tick."""
@@ -54,7 +54,7 @@ def start_rollout(
 
 
 @router.get("/{rollout_id}", response_model=RolloutStatus, responses={404: {"model": ErrorDetail}})
-def rollout_status(rollout_id: str, _who: Admin, settings: SettingsDep) -> dict[str, Any]:
+def rollout_status(rollout_id: str, _who: Viewer, settings: SettingsDep) -> dict[str, Any]:
     """One rollout: its state, wave, targets and gate results."""
     return rollouts.status(settings=settings, rollout_id=rollout_id)
 
@@ -64,7 +64,7 @@ def rollout_status(rollout_id: str, _who: Admin, settings: SettingsDep) -> dict[
     response_model=RolloutStatus,
     responses={400: {"model": ErrorDetail}, 404: {"model": ErrorDetail}},
 )
-def rollout_action(rollout_id: str, action: str, who: Admin, settings: SettingsDep) -> dict[str, Any]:
+def rollout_action(rollout_id: str, action: str, who: Operator, settings: SettingsDep) -> dict[str, Any]:
     """``pause``, ``resume`` or ``abort`` a rollout; abort rolls back every edge that received the model."""
     if action not in ACTIONS:
         raise HTTPException(status_code=404, detail=f"no rollout action {action!r}")

@@ -1,0 +1,1 @@
+"""The web console: server-rendered pages over the registry, served by ``edgefleet cloud api`` at ``/``."""

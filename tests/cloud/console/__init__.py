@@ -1,0 +1,1 @@
+"""Tests of the web console (cloud/console), in a real browser where it matters."""
