@@ -64,7 +64,7 @@ class WindowFeeder:
     """Labelled windows to one device per edge (each edge has its own site topic prefix)."""
 
     def __init__(self, url: str, edges: Sequence[str]) -> None:
-        self.link = MqttLink(MqttSettings(url=url), client_id="console-feeder")
+        self.link = MqttLink(MqttSettings(url=url), client_id="window-feeder")
         self.link.connect()
         self.edges = list(edges)
         self.stop_event = threading.Event()

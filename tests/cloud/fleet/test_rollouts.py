@@ -21,13 +21,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pytest
 from sqlalchemy import select
 
-from cloud.artifacts import sha256_file, store_for
 from cloud.fleet import rollouts
-from cloud.fleet.desired_state import sign
 from cloud.fleet.wave_gates import window_from_records
 from cloud.ingest import Ingest
 from cloud.learning import reference_models
@@ -36,26 +33,23 @@ from cloud.registry.db import session_scope, upgrade
 from cloud.registry.models import Deployment, DeploymentTarget
 from edge_node import synthetic
 from edge_node.node import EdgeNode
-from shared.mqtt import MqttLink, Received
+from shared.mqtt import Received
 from shared.schemas import EdgeMetrics, encode_message
 from shared.settings import MqttSettings
 from shared.settings.cloud import CloudSettings
-from shared.topics import EdgeTopic, Topics
+from shared.topics import EdgeTopic
 from tests.support.brokers import Mosquitto, RedisServer
 from tests.support.celery_worker import start_celery_worker, stop_celery_worker
 from tests.support.edge_fixtures import (
-    CLASS_NAMES,
     edge_models_fixture,  # noqa: F401  (fixture)
     edge_settings,
-    make_window,
-    manifest_for,
     wait_for,
 )
+from tests.support.rollout_fleet import WindowFeeder, register_signed_model
 
 EDGES = ("edge-a", "edge-b", "edge-c", "edge-d")
 ROLLOUT_WAIT_S = 180.0
 MIN_WINDOWS = 60
-WINDOWS_PER_S_PER_EDGE = 40
 
 REGRESSED_BUILDER = """
 import sys
@@ -97,59 +91,6 @@ def regressed_model() -> Path:
         assert proc.returncode == 0, proc.stderr.decode()[-3000:]
         tmp.replace(path)
     return path
-
-
-def register_model(settings: CloudSettings, source: Path, version: str) -> str:
-    """Publish ``source`` as vib@version the way the pipeline does: stored, signed, in the registry."""
-    store = store_for(settings)
-    sha = sha256_file(source)
-    path = store.put(source, name="vib", version=version, sha256=sha)
-    manifest = sign(manifest_for(path, version, url=store.url("vib", version)), settings)
-    with session_scope(settings.resolved_database_url) as session:
-        model = crud.create_model_version(
-            session,
-            name="vib",
-            version=version,
-            variant="float32",
-            artifact_path=str(path),
-            quantization="float32",
-        )
-        model.manifest = manifest.model_dump(mode="json")
-        model.signature = manifest.signature
-        model.key_id = manifest.key_id
-        model.artifact_sha256 = sha
-        model.artifact_size = path.stat().st_size
-    return f"vib@{version}"
-
-
-class Feeder:
-    """Labelled windows to every edge's devices (each edge has its own site topic prefix)."""
-
-    def __init__(self, url: str) -> None:
-        self.link = MqttLink(MqttSettings(url=url), client_id="feeder")
-        self.link.connect()
-        self.stop_event = threading.Event()
-        self.thread = threading.Thread(target=self._run, daemon=True)
-        self.rng = np.random.default_rng(7)
-
-    def _run(self) -> None:
-        seq = 0
-        topics = [(Topics(f"site-{edge}/v1"), f"dev-{edge}") for edge in EDGES]
-        while not self.stop_event.is_set():
-            seq += 1
-            for topic, device in topics:
-                cls = int(self.rng.integers(0, len(CLASS_NAMES)))
-                window = make_window(device, seq, cls=cls, label=CLASS_NAMES[cls], seed=seq * 31 + cls)
-                self.link.publish(topic.telemetry(device), window, qos=0)
-            self.stop_event.wait(1.0 / WINDOWS_PER_S_PER_EDGE)
-
-    def start(self) -> None:
-        self.thread.start()
-
-    def stop(self) -> None:
-        self.stop_event.set()
-        self.thread.join(5)
-        self.link.stop()
 
 
 @dataclass
@@ -251,11 +192,11 @@ def fleet_env(
         "EDGEFLEET_ROLLOUT_TICK_S": "0.5",
     }
     models = {
-        "v1": register_model(settings, edge_models["float32"], "1.0.0"),
-        "v2": register_model(settings, edge_models["float32_v2"], "2.0.0"),
-        "bad": register_model(settings, regressed_model, "3.0.0-regressed"),
+        "v1": register_signed_model(settings, edge_models["float32"], "1.0.0"),
+        "v2": register_signed_model(settings, edge_models["float32_v2"], "2.0.0"),
+        "bad": register_signed_model(settings, regressed_model, "3.0.0-regressed"),
         # The same weights as v2 under a new version: a release that is as good as what runs.
-        "v2b": register_model(settings, edge_models["float32_v2"], "2.1.0"),
+        "v2b": register_signed_model(settings, edge_models["float32_v2"], "2.1.0"),
     }
     per_edge = {
         edge: edge_settings(
@@ -276,7 +217,7 @@ def fleet_env(
     ingest_thread.start()
     state = Fleet(settings, broker, workdir, per_edge, models=models, worker_env=env)
     state.start_worker()
-    feeder = Feeder(broker.url)
+    feeder = WindowFeeder(broker.url, EDGES)
     try:
         for edge in EDGES:
             state.start_edge(edge)
