@@ -45,7 +45,15 @@ def make_engine(url: str) -> Engine:
         engine = create_engine(url, connect_args={"timeout": 30})
         event.listen(engine, "connect", _sqlite_pragmas)
         return engine
-    return create_engine(url, pool_pre_ping=True)
+    return create_engine(with_installed_driver(url), pool_pre_ping=True)
+
+
+def with_installed_driver(url: str) -> str:
+    """``postgresql://`` as ``postgresql+psycopg2://``: SQLAlchemy 2.1 picks psycopg 3 for a bare
+    ``postgresql://``, and the cloud extra installs psycopg2. Other URLs are returned unchanged."""
+    if url.startswith(("postgresql://", "postgres://")):
+        return "postgresql+psycopg2://" + url.split("://", 1)[1]
+    return url
 
 
 @lru_cache(maxsize=16)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from alembic import context
 from sqlalchemy import create_engine, pool
 
+from cloud.registry.db import with_installed_driver
 from cloud.registry.models import Base
 
 config = context.config
@@ -27,7 +28,7 @@ def run_online() -> None:
     """Run the migrations over a connection to the configured URL (what ``upgrade`` does)."""
     url = config.get_main_option("sqlalchemy.url")
     assert url is not None
-    engine = create_engine(url, poolclass=pool.NullPool)
+    engine = create_engine(with_installed_driver(url), poolclass=pool.NullPool)
     with engine.connect() as connection:
         context.configure(connection=connection, target_metadata=target_metadata, render_as_batch=True)
         with context.begin_transaction():

@@ -352,8 +352,6 @@ def test_the_queries_behave_the_same_on_postgresql(postgres_url: str) -> None:
     from cloud.registry import fleet_views  # noqa: PLC0415
     from cloud.registry.db import downgrade, engine_for  # noqa: PLC0415
 
-    # SQLAlchemy 2.1 picks psycopg 3 for a bare postgresql:// URL; the cloud extra installs psycopg2.
-    postgres_url = postgres_url.replace("postgresql://", "postgresql+psycopg2://", 1)
     upgrade(postgres_url)
     try:
         now = time.time()

@@ -267,3 +267,15 @@ def test_device_reports_edge_failover_and_desired_config(db_url: str) -> None:
         assert rows["new-1"]["config_in_sync"] is False
         with pytest.raises(NotFoundError):
             fleet.fleet_device(s, device_id="nobody")
+
+
+def test_a_bare_postgresql_url_uses_the_installed_psycopg2() -> None:
+    # SQLAlchemy 2.1 maps a bare postgresql:// to psycopg 3, which the cloud extra does not install.
+    from cloud.registry.db import make_engine, with_installed_driver  # noqa: PLC0415
+
+    assert with_installed_driver("postgresql://u@h:5432/d") == "postgresql+psycopg2://u@h:5432/d"
+    assert with_installed_driver("postgresql+psycopg2://u@h/d") == "postgresql+psycopg2://u@h/d"
+    assert with_installed_driver("sqlite:///x.db") == "sqlite:///x.db"
+    engine = make_engine("postgresql://postgres@127.0.0.1:5432/postgres")
+    assert engine.dialect.driver == "psycopg2"
+    engine.dispose()
