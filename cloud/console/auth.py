@@ -49,6 +49,11 @@ class ConsoleIdentity:
         """Whether this session may do what ``role`` needs."""
         return api_auth.role_allows(self.role, role)
 
+    @property
+    def actor(self) -> str:
+        """Who the audit log and command records name for this session's actions."""
+        return f"console:{self.name}"
+
 
 @dataclass(frozen=True)
 class SignedIn:

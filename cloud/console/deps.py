@@ -16,6 +16,7 @@ from urllib.parse import urlsplit
 from fastapi import Depends, Request
 from starlette.concurrency import run_in_threadpool
 
+from cloud.api.deps import get_database_url
 from cloud.console import auth
 from cloud.console.auth import ConsoleIdentity
 
@@ -39,7 +40,7 @@ async def current_identity(request: Request) -> ConsoleIdentity:
         return cached  # type: ignore[no-any-return]
     identity = await run_in_threadpool(
         auth.session_of,
-        database_url=request.app.state.database_url,
+        database_url=get_database_url(request),
         cookie=request.cookies.get(SESSION_COOKIE),
     )
     if identity is None:

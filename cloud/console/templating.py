@@ -1,5 +1,6 @@
 """The console's Jinja2 environment: autoescaped templates, formatting filters, cache-busted static
-URLs, and ``render`` which every page uses so the layout always gets who is signed in."""
+URLs, ``render`` which every page uses so the layout always gets who is signed in, partials rendered
+alone (event-stream swaps), and the flash message a redirect after a POST leaves for the next page."""
 
 from __future__ import annotations
 
@@ -10,9 +11,10 @@ from datetime import UTC, datetime
 from functools import cache
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlencode
 
 from fastapi import Request
-from fastapi.responses import HTMLResponse
+from fastapi.responses import HTMLResponse, RedirectResponse
 from fastapi.templating import Jinja2Templates
 
 from cloud.console.auth import ConsoleIdentity
@@ -20,6 +22,9 @@ from cloud.console.auth import ConsoleIdentity
 PACKAGE_DIR = Path(__file__).resolve().parent
 TEMPLATES_DIR = PACKAGE_DIR / "templates"
 STATIC_DIR = PACKAGE_DIR / "static"
+
+# Longest flash message carried in a redirect's query.
+MAX_FLASH = 300
 
 # The navigation bar: (path, label); a page passes its own path as ``nav``.
 NAVIGATION = (
@@ -112,3 +117,22 @@ def render(
     return templates.TemplateResponse(
         request, template, {"user": identity, **context}, status_code=status_code
     )
+
+
+def render_fragment(template: str, **context: Any) -> str:
+    """A partial template rendered to a string (what an event stream swaps into a page)."""
+    return templates.env.get_template(template).render(**context)
+
+
+def flash_of(request: Request) -> dict[str, Any]:
+    """The ``flash`` / ``flash_kind`` a redirect after a POST left in the query (base.html shows it)."""
+    message = request.query_params.get("flash")
+    kind = "error" if request.query_params.get("flash_kind") == "error" else "ok"
+    return {"flash": message[:MAX_FLASH] if message else None, "flash_kind": kind}
+
+
+def back_to(path: str, message: str, *, error: bool = False) -> RedirectResponse:
+    """A 303 to ``path`` that shows ``message`` there (as an error when ``error``)."""
+    query = {"flash": message[:MAX_FLASH], **({"flash_kind": "error"} if error else {})}
+    separator = "&" if "?" in path else "?"
+    return RedirectResponse(f"{path}{separator}{urlencode(query)}", status_code=303)

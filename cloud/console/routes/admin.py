@@ -14,11 +14,11 @@ from fastapi.routing import APIRouter
 from starlette.concurrency import run_in_threadpool
 
 from cloud.api import auth as api_auth
+from cloud.api.deps import get_database_url, get_settings
 from cloud.console import auth
 from cloud.console.auth import ConsoleIdentity
 from cloud.console.deps import Admin, AdminForm
-from cloud.console.routes.models import back_to, database_url, flash_of
-from cloud.console.templating import render
+from cloud.console.templating import back_to, flash_of, render
 from cloud.errors import CloudError
 from cloud.registry import accounts, crud, fleet, learning_views
 from cloud.registry.db import session_scope
@@ -31,15 +31,11 @@ router = APIRouter(include_in_schema=False)
 MAX_LINK_TTL_MIN = 7 * 24 * 60
 
 
-def _actor(user: ConsoleIdentity) -> str:
-    return f"console:{user.name}"
-
-
 def _audit(
     url: str, user: ConsoleIdentity, action: str, target: str, detail: dict[str, Any] | None = None
 ) -> None:
     with session_scope(url) as session:
-        crud.audit(session, actor=_actor(user), action=action, target=target, detail=detail)
+        crud.audit(session, actor=user.actor, action=action, target=target, detail=detail)
 
 
 def _signing_keys(settings: CloudSettings, used: dict[str, int]) -> dict[str, Any]:
@@ -68,8 +64,8 @@ def _signing_keys(settings: CloudSettings, used: dict[str, int]) -> dict[str, An
 
 
 def _page(request: Request, user: ConsoleIdentity, *, status_code: int = 200, **extra: Any) -> HTMLResponse:
-    settings: CloudSettings = request.app.state.settings
-    with session_scope(database_url(request)) as session:
+    settings = get_settings(request)
+    with session_scope(get_database_url(request)) as session:
         tokens = [
             {
                 "name": t.name,
@@ -126,7 +122,7 @@ async def create_token(
 ) -> Response:
     """Create an API token; the page shows its secret this once (only its hash is stored)."""
     name = name.strip()
-    url = database_url(request)
+    url = get_database_url(request)
     if not name:
         return back_to("/admin", "Token not created: it needs a name", error=True)
     try:
@@ -150,9 +146,9 @@ async def revoke_token(request: Request, user: AdminForm, name: str) -> Response
     """Revoke a token: the API (and console sessions signed in with it) refuse it from now on."""
 
     def run() -> None:
-        with session_scope(database_url(request)) as session:
+        with session_scope(get_database_url(request)) as session:
             fleet.revoke_token(session, name=name)
-            crud.audit(session, actor=_actor(user), action="token_revoke", target=name)
+            crud.audit(session, actor=user.actor, action="token_revoke", target=name)
 
     try:
         await run_in_threadpool(run)
@@ -174,7 +170,7 @@ async def create_user(
 ) -> Response:
     """Create a console user with a password (stored as a scrypt hash)."""
     username = username.strip()
-    url = database_url(request)
+    url = get_database_url(request)
     try:
         await run_in_threadpool(
             auth.create_user, database_url=url, username=username, role=role, password=password
@@ -202,10 +198,10 @@ async def change_user(
         return back_to("/admin", "Nothing to change", error=True)
 
     def run() -> None:
-        with session_scope(database_url(request)) as session:
+        with session_scope(get_database_url(request)) as session:
             accounts.set_user(session, username=username, role=new_role, disabled=flag)
             detail = {"role": new_role, "disabled": flag, "password_changed": False}
-            crud.audit(session, actor=_actor(user), action="user_set", target=username, detail=detail)
+            crud.audit(session, actor=user.actor, action="user_set", target=username, detail=detail)
 
     try:
         await run_in_threadpool(run)
@@ -228,7 +224,7 @@ async def create_signin_link(
 ) -> Response:
     """A one-time sign-in link (shown once), valid for ``ttl_min`` minutes."""
     name = name.strip() or "link"
-    url = database_url(request)
+    url = get_database_url(request)
     if not 0 < ttl_min <= MAX_LINK_TTL_MIN:
         return back_to("/admin", f"Validity: 1 to {MAX_LINK_TTL_MIN} minutes", error=True)
     if not auth.USERNAME_PATTERN.fullmatch(name):

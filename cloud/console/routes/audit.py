@@ -11,9 +11,9 @@ from fastapi import Query, Request
 from fastapi.responses import HTMLResponse
 from fastapi.routing import APIRouter
 
+from cloud.api.deps import get_database_url
 from cloud.console.deps import Viewer
-from cloud.console.routes.models import database_url, flash_of
-from cloud.console.templating import render
+from cloud.console.templating import flash_of, render
 from cloud.registry import learning_views
 from cloud.registry.db import session_scope
 
@@ -55,7 +55,7 @@ def audit_page(
         since_ts, until_ts = parse_time(since), parse_time(until)
     except ValueError as exc:
         error, since_ts, until_ts = str(exc), None, None
-    with session_scope(database_url(request)) as session:
+    with session_scope(get_database_url(request)) as session:
         found = learning_views.audit_page(
             session,
             actor=actor.strip() or None,

@@ -12,6 +12,7 @@ the reloads."""
 import json
 import math
 import time
+from collections.abc import Callable
 from typing import Annotated, Any
 from urllib.parse import quote, urlencode
 
@@ -19,10 +20,11 @@ from fastapi import APIRouter, Form, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from pydantic import JsonValue
 
+from cloud.api.deps import get_database_url, get_settings
 from cloud.console import sse
 from cloud.console.auth import ConsoleIdentity
 from cloud.console.deps import OperatorForm, Viewer
-from cloud.console.templating import render, templates
+from cloud.console.templating import render, render_fragment
 from cloud.errors import CloudError, DeviceConfigError, DeviceConfigUnpublishedError, NotFoundError
 from cloud.fleet import commands, device_config
 from cloud.registry import fleet_views
@@ -30,7 +32,6 @@ from cloud.registry.db import session_scope
 from cloud.registry.fleet_views import DevicePage, DeviceQuery
 from shared.errors import MqttError
 from shared.schemas import CommandName
-from shared.settings.cloud import CloudSettings
 
 router = APIRouter(include_in_schema=False)
 
@@ -62,21 +63,6 @@ ACTIVITY_SERIES = [
     {"label": "decisions/min", "stroke": "#cf222e"},
     {"label": "samples/min", "stroke": "#1f6feb"},
 ]
-
-
-def _database_url(request: Request) -> str:
-    url: str = request.app.state.database_url
-    return url
-
-
-def _settings(request: Request) -> CloudSettings:
-    settings: CloudSettings = request.app.state.settings
-    return settings
-
-
-def _fragment(template: str, **context: Any) -> str:
-    """A partial template rendered to a string (for event-stream swaps)."""
-    return templates.env.get_template(template).render(**context)
 
 
 def _not_found(request: Request, user: ConsoleIdentity, what: str) -> HTMLResponse:
@@ -162,7 +148,7 @@ def devices_fragment(request: Request, user: Viewer, view: str = "fleet") -> Res
     """The devices table (rows, sort headers, pager) for htmx; pushes the page's own URL."""
     fixed_edge = request.query_params.get("edge") if view == "edge" else None
     query = _device_query(request)
-    with session_scope(_database_url(request)) as session:
+    with session_scope(get_database_url(request)) as session:
         devices = fleet_views.device_page(session, query=query)
     context = _table_context(devices, fixed_edge=fixed_edge or None)
     if not request.headers.get("hx-request"):
@@ -192,7 +178,7 @@ def fleet_page(request: Request, user: Viewer) -> HTMLResponse:
     paged on the server)."""
     now = time.time()
     query = _device_query(request)
-    with session_scope(_database_url(request)) as session:
+    with session_scope(get_database_url(request)) as session:
         live = _fleet_live(session, now)
         devices = fleet_views.device_page(session, query=query)
         series = fleet_views.accuracy_series(
@@ -217,41 +203,80 @@ def fleet_page(request: Request, user: Viewer) -> HTMLResponse:
     )
 
 
+# What each live page's stream swaps: element id -> (partial template, the key of the page's live
+# parts it renders, passed to the template under the same name).
+FLEET_FRAGMENTS = {
+    "fleet-tiles": ("partials/fleet_tiles.html", "tiles"),
+    "fleet-alerts": ("partials/fleet_alerts.html", "alerts"),
+    "fleet-edges": ("partials/fleet_edges.html", "edges"),
+    "fleet-device-counts": ("partials/fleet_device_counts.html", "state_counts"),
+}
+DEVICE_FRAGMENTS = {
+    "device-status": ("partials/device_status.html", "device"),
+    "device-commands": ("partials/device_commands.html", "commands"),
+    "device-decisions": ("partials/device_decisions.html", "decisions"),
+}
+EDGE_FRAGMENTS = {
+    "edge-status": ("partials/edge_status.html", "edge"),
+    "edge-dead": ("partials/edge_dead.html", "dead"),
+    "edge-deployments": ("partials/edge_deployments.html", "deployments"),
+}
+
+# read(session, since, now) -> (the page's live parts, its chart buckets from ``since``), or None
+# when what the page shows is gone.
+LiveReader = Callable[[Any, float, float], tuple[dict[str, Any], list[list[Any]]] | None]
+
+
+def _live_stream(
+    request: Request,
+    *,
+    step_s: float,
+    window_s: float,
+    chart_id: str,
+    fragments: dict[str, tuple[str, str]],
+    read: LiveReader,
+) -> Response:
+    """The event stream of a live page: every tick, its ``fragments`` re-rendered from ``read``'s live
+    parts (sent when they changed) and a chart point per bucket newer than the page's ``?after=``."""
+    url = get_database_url(request)
+    state = {
+        "after": _after(request.query_params.get("after"), step_s=step_s, window_s=window_s, now=time.time())
+    }
+
+    def produce() -> list[tuple[str, Any]]:
+        with session_scope(url) as session:
+            found = read(session, state["after"] + step_s, time.time())
+        if found is None:
+            return []
+        live, series = found
+        swaps = {
+            element: render_fragment(template, **{name: live[name]})
+            for element, (template, name) in fragments.items()
+        }
+        return [("swap", swaps), *_points(chart_id, series, state)]
+
+    return sse.event_stream(request, produce)
+
+
 @router.get("/events/fleet")
 def fleet_events(request: Request, _who: Viewer) -> Response:
     """Every tick: the tiles, alerts, edges table and device counts (swapped when they changed), and
     a chart point per newly completed bucket."""
-    url = _database_url(request)
-    state = {
-        "after": _after(
-            request.query_params.get("after"), step_s=CHART_STEP_S, window_s=CHART_WINDOW_S, now=time.time()
+
+    def read(session: Any, since: float, now: float) -> tuple[dict[str, Any], list[list[Any]]]:
+        series = fleet_views.accuracy_series(
+            session, since=since, until=now - CHART_SETTLE_S, step_s=CHART_STEP_S
         )
-    }
+        return _fleet_live(session, now), series
 
-    def produce() -> list[tuple[str, Any]]:
-        now = time.time()
-        with session_scope(url) as session:
-            live = _fleet_live(session, now)
-            series = fleet_views.accuracy_series(
-                session, since=state["after"] + CHART_STEP_S, until=now - CHART_SETTLE_S, step_s=CHART_STEP_S
-            )
-        events: list[tuple[str, Any]] = [
-            (
-                "swap",
-                {
-                    "fleet-tiles": _fragment("partials/fleet_tiles.html", tiles=live["tiles"]),
-                    "fleet-alerts": _fragment("partials/fleet_alerts.html", alerts=live["alerts"]),
-                    "fleet-edges": _fragment("partials/fleet_edges.html", edges=live["edges"]),
-                    "fleet-device-counts": _fragment(
-                        "partials/fleet_device_counts.html", state_counts=live["state_counts"]
-                    ),
-                },
-            )
-        ]
-        events.extend(_points("fleet-chart", series, state))
-        return events
-
-    return sse.event_stream(request, produce)
+    return _live_stream(
+        request,
+        step_s=CHART_STEP_S,
+        window_s=CHART_WINDOW_S,
+        chart_id="fleet-chart",
+        fragments=FLEET_FRAGMENTS,
+        read=read,
+    )
 
 
 def _points(chart_id: str, series: list[list[Any]], state: dict[str, float]) -> list[tuple[str, Any]]:
@@ -283,7 +308,7 @@ def _device_page(
     **extra: Any,
 ) -> HTMLResponse:
     now = time.time()
-    with session_scope(_database_url(request)) as session:
+    with session_scope(get_database_url(request)) as session:
         try:
             live = _device_live(session, device_id)
         except NotFoundError:
@@ -333,47 +358,29 @@ def device_page(request: Request, device_id: str, user: Viewer) -> HTMLResponse:
 def device_events(request: Request, device_id: str, _who: Viewer) -> Response:
     """Every tick: the device's status, command list (acks as they come) and decisions, and a
     sparkline point per newly completed minute."""
-    url = _database_url(request)
-    state = {
-        "after": _after(
-            request.query_params.get("after"), step_s=SPARK_STEP_S, window_s=SPARK_WINDOW_S, now=time.time()
+
+    def read(session: Any, since: float, now: float) -> tuple[dict[str, Any], list[list[Any]]] | None:
+        try:
+            live = _device_live(session, device_id)
+        except NotFoundError:
+            return None
+        activity = fleet_views.device_activity(
+            session, device_id=device_id, since=since, until=now, step_s=SPARK_STEP_S
         )
-    }
+        return live, activity
 
-    def produce() -> list[tuple[str, Any]]:
-        now = time.time()
-        with session_scope(url) as session:
-            try:
-                live = _device_live(session, device_id)
-            except NotFoundError:
-                return []
-            activity = fleet_views.device_activity(
-                session,
-                device_id=device_id,
-                since=state["after"] + SPARK_STEP_S,
-                until=now,
-                step_s=SPARK_STEP_S,
-            )
-        events: list[tuple[str, Any]] = [
-            (
-                "swap",
-                {
-                    "device-status": _fragment("partials/device_status.html", device=live["device"]),
-                    "device-commands": _fragment("partials/device_commands.html", commands=live["commands"]),
-                    "device-decisions": _fragment(
-                        "partials/device_decisions.html", decisions=live["decisions"]
-                    ),
-                },
-            )
-        ]
-        events.extend(_points("device-activity", activity, state))
-        return events
-
-    return sse.event_stream(request, produce)
+    return _live_stream(
+        request,
+        step_s=SPARK_STEP_S,
+        window_s=SPARK_WINDOW_S,
+        chart_id="device-activity",
+        fragments=DEVICE_FRAGMENTS,
+        read=read,
+    )
 
 
 def _device_exists(request: Request, device_id: str) -> bool:
-    with session_scope(_database_url(request)) as session:
+    with session_scope(get_database_url(request)) as session:
         try:
             fleet_views.device_detail(session, device_id=device_id)
         except NotFoundError:
@@ -408,13 +415,13 @@ def send_command(
     if error is None:
         try:
             result = commands.send_commands(
-                settings=_settings(request),
+                settings=get_settings(request),
                 device_ids=[device_id],
                 name=name,
                 args=parsed,
                 ttl_s=COMMAND_TTL_S,
                 wait_s=COMMAND_WAIT_S,
-                sender=f"console:{user.name}",
+                sender=user.actor,
             )
         except (CloudError, MqttError, OSError) as exc:
             error = f"the command was not sent: {exc}"
@@ -454,7 +461,7 @@ def set_config(
 ) -> Response:
     """Replace the device's desired config with the submitted JSON object (keys left out are unset)
     through ``device_config.set_device_config``, as ``PUT /v1/fleet/devices/{id}/config`` does."""
-    with session_scope(_database_url(request)) as session:
+    with session_scope(get_database_url(request)) as session:
         try:
             current = fleet_views.device_detail(session, device_id=device_id)["desired_config"]
         except NotFoundError:
@@ -462,11 +469,11 @@ def set_config(
     try:
         wanted = _parse_config(config)
         device_config.set_device_config(
-            settings=_settings(request),
+            settings=get_settings(request),
             device_id=device_id,
             changes={k: v for k, v in wanted.items() if current.get(k) != v},
             unset=sorted(set(current) - set(wanted)),
-            actor=f"console:{user.name}",
+            actor=user.actor,
         )
     except DeviceConfigUnpublishedError as exc:
         return _device_page(request, user, device_id, status_code=202, flash=str(exc), flash_kind="error")
@@ -501,7 +508,7 @@ def edge_page(request: Request, edge_id: str, user: Viewer) -> HTMLResponse:
     letters with reasons, deployment history, and its devices."""
     now = time.time()
     query = _device_query(request, edge=edge_id)
-    with session_scope(_database_url(request)) as session:
+    with session_scope(get_database_url(request)) as session:
         try:
             live = _edge_live(session, edge_id, now)
         except NotFoundError:
@@ -534,40 +541,22 @@ def edge_page(request: Request, edge_id: str, user: Viewer) -> HTMLResponse:
 def edge_events(request: Request, edge_id: str, _who: Viewer) -> Response:
     """Every tick: the edge's status and metrics, dead letters and deployments, and a chart point per
     newly completed bucket."""
-    url = _database_url(request)
-    state = {
-        "after": _after(
-            request.query_params.get("after"), step_s=CHART_STEP_S, window_s=CHART_WINDOW_S, now=time.time()
+
+    def read(session: Any, since: float, now: float) -> tuple[dict[str, Any], list[list[Any]]] | None:
+        try:
+            live = _edge_live(session, edge_id, now)
+        except NotFoundError:
+            return None
+        series = fleet_views.accuracy_series(
+            session, since=since, until=now - CHART_SETTLE_S, step_s=CHART_STEP_S, edge_id=edge_id
         )
-    }
+        return live, series
 
-    def produce() -> list[tuple[str, Any]]:
-        now = time.time()
-        with session_scope(url) as session:
-            try:
-                live = _edge_live(session, edge_id, now)
-            except NotFoundError:
-                return []
-            series = fleet_views.accuracy_series(
-                session,
-                since=state["after"] + CHART_STEP_S,
-                until=now - CHART_SETTLE_S,
-                step_s=CHART_STEP_S,
-                edge_id=edge_id,
-            )
-        events: list[tuple[str, Any]] = [
-            (
-                "swap",
-                {
-                    "edge-status": _fragment("partials/edge_status.html", edge=live["edge"]),
-                    "edge-dead": _fragment("partials/edge_dead.html", dead=live["dead"]),
-                    "edge-deployments": _fragment(
-                        "partials/edge_deployments.html", deployments=live["deployments"]
-                    ),
-                },
-            )
-        ]
-        events.extend(_points("edge-chart", series, state))
-        return events
-
-    return sse.event_stream(request, produce)
+    return _live_stream(
+        request,
+        step_s=CHART_STEP_S,
+        window_s=CHART_WINDOW_S,
+        chart_id="edge-chart",
+        fragments=EDGE_FRAGMENTS,
+        read=read,
+    )

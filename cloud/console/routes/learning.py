@@ -10,9 +10,9 @@ from fastapi import Request
 from fastapi.responses import HTMLResponse
 from fastapi.routing import APIRouter
 
+from cloud.api.deps import get_database_url
 from cloud.console.deps import Viewer
-from cloud.console.routes.models import database_url, flash_of
-from cloud.console.templating import render
+from cloud.console.templating import flash_of, render
 from cloud.registry import crud, learning_views
 from cloud.registry.db import session_scope
 from cloud.registry.models import ModelVersion, PipelineRun
@@ -115,7 +115,7 @@ def _chart(models: list[ModelVersion]) -> dict[str, Any] | None:
 @router.get("/learning", response_class=HTMLResponse)
 def learning_page(request: Request, user: Viewer) -> HTMLResponse:
     """Triggers, pipeline runs with step timings and accuracy before/after, accuracy over time."""
-    with session_scope(database_url(request)) as session:
+    with session_scope(get_database_url(request)) as session:
         triggers = crud.list_triggers(session, limit=MAX_TRIGGERS)
         runs = crud.list_runs(session, limit=MAX_RUNS)
         built = learning_views.models_of_runs(session, run_ids=[r.id for r in runs])

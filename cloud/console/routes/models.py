@@ -1,18 +1,18 @@
 """The console's models pages: every model version, one version's lineage (dataset -> training run ->
 model -> variants -> edges serving it), its compression table and gate verdict, and a side-by-side
-diff of two versions. Also the small helpers the other page modules share (flash messages)."""
+diff of two versions."""
 
 # No "from __future__ import annotations": FastAPI resolves the Annotated aliases at runtime.
 
 from typing import Any
-from urllib.parse import urlencode
 
 from fastapi import Request
-from fastapi.responses import HTMLResponse, RedirectResponse
+from fastapi.responses import HTMLResponse
 from fastapi.routing import APIRouter
 
+from cloud.api.deps import get_database_url
 from cloud.console.deps import Viewer
-from cloud.console.templating import render
+from cloud.console.templating import flash_of, render
 from cloud.errors import NotFoundError
 from cloud.registry import crud, learning_views
 from cloud.registry.db import session_scope
@@ -30,32 +30,6 @@ COMPRESSION_COLUMNS = (
     ("throughput_b64", "Throughput b64 (/s)", "number"),
     ("confidence_mean", "Mean confidence", "percent"),
 )
-MAX_FLASH = 300
-
-
-# -- shared by the page modules ------------------------------------------------------------------------
-
-
-def flash_of(request: Request) -> dict[str, Any]:
-    """The ``flash`` / ``flash_kind`` a redirect after a POST left in the query (base.html shows it)."""
-    message = request.query_params.get("flash")
-    kind = "error" if request.query_params.get("flash_kind") == "error" else "ok"
-    return {"flash": message[:MAX_FLASH] if message else None, "flash_kind": kind}
-
-
-def back_to(path: str, message: str, *, error: bool = False) -> RedirectResponse:
-    """A 303 to ``path`` that shows ``message`` there (as an error when ``error``)."""
-    query = {"flash": message[:MAX_FLASH], **({"flash_kind": "error"} if error else {})}
-    separator = "&" if "?" in path else "?"
-    return RedirectResponse(f"{path}{separator}{urlencode(query)}", status_code=303)
-
-
-def database_url(request: Request) -> str:
-    """The registry URL of the app serving ``request``."""
-    url: str = request.app.state.database_url
-    return url
-
-
 # -- pages -------------------------------------------------------------------------------------------
 
 
@@ -86,7 +60,7 @@ def _row(model: ModelVersion, serving: dict[str, int]) -> dict[str, Any]:
 @router.get("/models", response_class=HTMLResponse)
 def models_page(request: Request, user: Viewer, name: str | None = None) -> HTMLResponse:
     """Every model version (newest first), optionally of one name, with status, gate and edges."""
-    with session_scope(database_url(request)) as session:
+    with session_scope(get_database_url(request)) as session:
         models = crud.list_model_versions(session, name=name or None, limit=200)
         serving = learning_views.serving_counts(session, versions=[m.version for m in models])
         rows = [_row(m, serving) for m in models]
@@ -165,7 +139,7 @@ def _lineage(session: Any, model: ModelVersion) -> dict[str, Any]:
 def model_diff_page(request: Request, user: Viewer, a: int, b: int) -> HTMLResponse:
     """Two versions side by side: training config, metrics and manifest fields, changed rows marked."""
     try:
-        with session_scope(database_url(request)) as session:
+        with session_scope(get_database_url(request)) as session:
             left = crud.get_model_version(session, model_id=a)
             right = crud.get_model_version(session, model_id=b)
             sections = [
@@ -197,7 +171,7 @@ def model_diff_page(request: Request, user: Viewer, a: int, b: int) -> HTMLRespo
 def model_page(request: Request, user: Viewer, model_id: int) -> HTMLResponse:
     """One model version: lineage, compression table of its run's variants, gate verdict, metrics."""
     try:
-        with session_scope(database_url(request)) as session:
+        with session_scope(get_database_url(request)) as session:
             model = crud.get_model_version(session, model_id=model_id)
             row = _row(model, learning_views.serving_counts(session, versions=[model.version]))
             lineage = _lineage(session, model)

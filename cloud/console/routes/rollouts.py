@@ -13,18 +13,17 @@ from fastapi.responses import HTMLResponse, Response, StreamingResponse
 from fastapi.routing import APIRouter
 from starlette.concurrency import run_in_threadpool
 
+from cloud.api.deps import get_database_url, get_settings
 from cloud.api.routes.rollouts import _rollout_edges
 from cloud.console.deps import OperatorForm, Viewer
-from cloud.console.routes.models import back_to, database_url, flash_of
 from cloud.console.sse import event_stream
-from cloud.console.templating import render, templates
+from cloud.console.templating import back_to, flash_of, render, render_fragment
 from cloud.errors import CloudError, NotFoundError
 from cloud.fleet import rollouts
 from cloud.fleet.wave_gates import DEFAULT_GATES, REQUIRED_GATES
 from cloud.registry import fleet, learning_views
 from cloud.registry.db import session_scope
 from shared.errors import MqttError
-from shared.settings.cloud import CloudSettings
 
 router = APIRouter(include_in_schema=False)
 
@@ -43,18 +42,13 @@ GATE_HELP = {
 FORM_DEFAULTS = {"canary": 1, "waves": 2, **rollouts.DEFAULT_PARAMS}
 
 
-def _settings(request: Request) -> CloudSettings:
-    settings: CloudSettings = request.app.state.settings
-    return settings
-
-
 # -- the list and the start form ---------------------------------------------------------------------
 
 
 @router.get("/rollouts", response_class=HTMLResponse)
 def rollouts_page(request: Request, user: Viewer) -> HTMLResponse:
     """The newest rollouts; operators also get the form that starts one."""
-    with session_scope(database_url(request)) as session:
+    with session_scope(get_database_url(request)) as session:
         rows = [rollouts.describe(r) for r in fleet.list_rollouts(session, limit=50)]
         form = None
         if user.may("operator"):
@@ -128,20 +122,20 @@ def _start(request: Request, actor: str, asked: dict[str, Any]) -> str:
     """Resolve the targets as the API does, then record the rollout (the engine publishes it)."""
     target = asked["target"]
     chosen = _rollout_edges(
-        database_url(request),
+        get_database_url(request),
         asked["edges"] if target == "edges" else [],
         asked["group"] if target == "group" else None,
         target == "all",
     )
     return rollouts.start_rollout(
-        settings=_settings(request),
+        settings=get_settings(request),
         model_ref=asked["model"],
         edge_ids=chosen,
         canary=asked["canary"],
         waves=asked["waves"],
         gates=asked["gates"],
         params=asked["params"],
-        actor=f"console:{actor}",
+        actor=actor,
     )
 
 
@@ -152,7 +146,7 @@ async def start_rollout(request: Request, user: OperatorForm) -> Response:
     form = await request.form()
     try:
         asked = _parse_start(form)
-        rollout_id = await run_in_threadpool(_start, request, user.name, asked)
+        rollout_id = await run_in_threadpool(_start, request, user.actor, asked)
     except HTTPException as exc:
         return back_to("/rollouts", f"Not started: {exc.detail}", error=True)
     except (CloudError, ValueError) as exc:
@@ -207,16 +201,14 @@ def _waves(status: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def _live_html(user: Any, status: dict[str, Any]) -> str:
-    return templates.env.get_template("partials/rollout_live.html").render(
-        user=user, r=status, waves=_waves(status)
-    )
+    return render_fragment("partials/rollout_live.html", user=user, r=status, waves=_waves(status))
 
 
 @router.get("/rollouts/{rollout_id}", response_class=HTMLResponse)
 def rollout_page(request: Request, user: Viewer, rollout_id: str) -> HTMLResponse:
     """One rollout: state, per-wave targets and gates (live), and its actions for operators."""
     try:
-        status = rollouts.status(settings=_settings(request), rollout_id=rollout_id)
+        status = rollouts.status(settings=get_settings(request), rollout_id=rollout_id)
     except NotFoundError as exc:
         return render(request, "rollout.html", user, nav="/rollouts", status_code=404, error=str(exc), r=None)
     return render(
@@ -235,7 +227,7 @@ def rollout_page(request: Request, user: Viewer, rollout_id: str) -> HTMLRespons
 @router.get("/events/rollouts/{rollout_id}")
 def rollout_events(request: Request, user: Viewer, rollout_id: str) -> StreamingResponse:
     """Server-sent events of one rollout: its live fragment, swapped every tick it changed."""
-    settings = _settings(request)
+    settings = get_settings(request)
     rollouts.status(settings=settings, rollout_id=rollout_id)  # NotFoundError (404) before streaming
 
     def produce() -> list[tuple[str, Any]]:
@@ -249,7 +241,7 @@ def rollout_events(request: Request, user: Viewer, rollout_id: str) -> Streaming
 async def rollback_rollout(request: Request, user: OperatorForm, rollout_id: str) -> Response:
     """Send every edge that received this rollout's model back to the model it ran before (its
     last-good when the registry does not know it), as ``edgefleet model rollback`` does."""
-    settings = _settings(request)
+    settings = get_settings(request)
 
     def run() -> int:
         with session_scope(settings.resolved_database_url) as session:
@@ -262,9 +254,7 @@ async def rollback_rollout(request: Request, user: OperatorForm, rollout_id: str
                 ref = previous.ref if previous is not None and previous.signature is not None else None
                 by_ref.setdefault(ref, []).append(target.edge_id)
         for ref, edge_ids in by_ref.items():
-            rollouts.rollback_edges(
-                settings=settings, edge_ids=edge_ids, to_ref=ref, actor=f"console:{user.name}"
-            )
+            rollouts.rollback_edges(settings=settings, edge_ids=edge_ids, to_ref=ref, actor=user.actor)
         return sum(len(e) for e in by_ref.values())
 
     try:
@@ -289,10 +279,10 @@ async def rollout_action(request: Request, user: OperatorForm, rollout_id: str, 
     try:
         state = await run_in_threadpool(
             rollouts.set_state,
-            settings=_settings(request),
+            settings=get_settings(request),
             rollout_id=rollout_id,
             action=action,
-            actor=f"console:{user.name}",
+            actor=user.actor,
         )
     except MqttError as exc:
         # Recorded; the engine's next ticks republish what the broker did not take.
@@ -306,5 +296,5 @@ async def rollout_action(request: Request, user: OperatorForm, rollout_id: str, 
 @router.get("/rollouts/{rollout_id}/live", response_class=HTMLResponse)
 def rollout_fragment(request: Request, user: Viewer, rollout_id: str) -> HTMLResponse:
     """The live fragment alone (what the event stream sends), for htmx or a reload-free refresh."""
-    status = rollouts.status(settings=_settings(request), rollout_id=rollout_id)
+    status = rollouts.status(settings=get_settings(request), rollout_id=rollout_id)
     return HTMLResponse(_live_html(user, status))

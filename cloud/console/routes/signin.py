@@ -17,6 +17,7 @@ from fastapi import APIRouter, Form, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from starlette.concurrency import run_in_threadpool
 
+from cloud.api.deps import get_database_url
 from cloud.console import auth
 from cloud.console.deps import SESSION_COOKIE, ViewerForm
 from cloud.console.templating import render
@@ -115,7 +116,7 @@ async def signin(
     client = _client(request)
     if _too_many_failures(client):
         return _signin_page(request, error="Too many failed attempts: wait a few minutes.", status_code=429)
-    url = request.app.state.database_url
+    url = get_database_url(request)
     try:
         if token:
             signed = await run_in_threadpool(auth.sign_in_token, database_url=url, token=token)
@@ -140,7 +141,7 @@ async def signin_link(request: Request, secret: str) -> Response:
         return _signin_page(request, error="Too many failed attempts: wait a few minutes.", status_code=429)
     try:
         signed = await run_in_threadpool(
-            auth.sign_in_link, database_url=request.app.state.database_url, secret=secret
+            auth.sign_in_link, database_url=get_database_url(request), secret=secret
         )
     except AuthError as exc:
         _record_failure(client)
@@ -155,7 +156,7 @@ async def signin_link(request: Request, secret: str) -> Response:
 async def signout(request: Request, _who: ViewerForm) -> Response:
     """End this browser's session."""
     await run_in_threadpool(
-        auth.sign_out, database_url=request.app.state.database_url, cookie=request.cookies.get(SESSION_COOKIE)
+        auth.sign_out, database_url=get_database_url(request), cookie=request.cookies.get(SESSION_COOKIE)
     )
     response = RedirectResponse("/signin", status_code=303)
     response.delete_cookie(SESSION_COOKIE, path="/")
