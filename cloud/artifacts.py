@@ -5,16 +5,19 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import json
 import logging
 import os
 import re
 import shutil
 import threading
+import time
+from dataclasses import dataclass
 from http import HTTPStatus
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote
+from urllib.parse import quote, unquote, urlsplit
 
 from cloud.errors import PublishError
 from shared.schemas import ModelManifest
@@ -244,27 +247,231 @@ def store_for(settings: CloudSettings) -> ArtifactStore:
     return ArtifactStore(settings.resolved_artifact_dir, base_url=settings.artifact_base_url)
 
 
+# -- who may download what ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Refusal:
+    """Why a download is refused: the HTTP status and a message for the body."""
+
+    status: HTTPStatus
+    detail: str
+
+
+class EdgeArtifactAccess:
+    """Edges authenticate with their identity (HTTP Basic: enrollment username and secret, checked
+    against the registry's ``$7$`` hash) and may download only the artifacts of model versions sent
+    to them: their current desired state, or any deployment that targeted them (so a rollback finds
+    its model again). Nobody else downloads: devices, operators and services are refused (403).
+
+    Verified credentials are remembered for ``cache_ttl_s`` (the hash costs ~0.1 s of a core per
+    check): a revoked edge loses access at most that long after its revocation. Failures are
+    remembered for as long, so repeating a wrong secret costs no hashing either."""
+
+    def __init__(self, database_url: str, *, cache_ttl_s: float = 30.0, cache_max: int = 4096) -> None:
+        self.database_url = database_url
+        self.cache_ttl_s = cache_ttl_s
+        self.cache_max = cache_max
+        self._cache: dict[tuple[str, str], tuple[float, str | Refusal]] = {}
+        self._lock = threading.Lock()
+
+    def authenticate(self, username: str, secret: str) -> str | Refusal:
+        """The edge id of ``username`` when ``secret`` is its identity's, else a ``Refusal`` (401/403)."""
+        key = (username, hashlib.sha256(secret.encode()).hexdigest())
+        now = time.monotonic()
+        with self._lock:
+            cached = self._cache.get(key)
+            if cached is not None and cached[0] > now:
+                return cached[1]
+        result = self._verify(username, secret)
+        with self._lock:
+            if len(self._cache) >= self.cache_max:
+                self._cache = {k: v for k, v in self._cache.items() if v[0] > now}
+                if len(self._cache) >= self.cache_max:
+                    self._cache.clear()
+            self._cache[key] = (now + self.cache_ttl_s, result)
+        return result
+
+    def _verify(self, username: str, secret: str) -> str | Refusal:
+        from cloud.registry import identities  # noqa: PLC0415  (SQLAlchemy: only a server with auth needs it)
+        from cloud.registry.db import session_scope  # noqa: PLC0415
+        from shared.identity import IdentityKind, identity_of_username, verify_broker_hash  # noqa: PLC0415
+
+        identity_id = identity_of_username(username)
+        with session_scope(self.database_url) as session:
+            identity = identities.active_identity(session, identity_id=identity_id)
+            stored = identity.secret_hash if identity is not None else None
+            kind = identity.kind if identity is not None else None
+        # Unknown identities are hashed against a dummy so both answers take as long.
+        matches = verify_broker_hash(secret, stored or _DUMMY_HASH)
+        if stored is None or not matches:
+            return Refusal(HTTPStatus.UNAUTHORIZED, "unknown identity or wrong secret")
+        if kind != str(IdentityKind.EDGE):
+            return Refusal(
+                HTTPStatus.FORBIDDEN, f"identity {identity_id!r} is a {kind}: only edges download artifacts"
+            )
+        return identity_id
+
+    def authorize(self, edge_id: str, name: str, version: str) -> Refusal | None:
+        """None when ``name@version`` was sent to ``edge_id``; a 404 or 403 ``Refusal`` otherwise."""
+        from sqlalchemy import select  # noqa: PLC0415  (SQLAlchemy: only a server with auth needs it)
+
+        from cloud.registry.db import session_scope  # noqa: PLC0415
+        from cloud.registry.models import (  # noqa: PLC0415
+            Deployment,
+            DeploymentTarget,
+            DesiredRevision,
+            ModelVersion,
+        )
+
+        with session_scope(self.database_url) as session:
+            model_id = session.scalar(
+                select(ModelVersion.id).where(ModelVersion.name == name, ModelVersion.version == version)
+            )
+            if model_id is None:
+                return Refusal(HTTPStatus.NOT_FOUND, f"no artifact {name}@{version}")
+            desired = session.scalar(
+                select(DesiredRevision.edge_id).where(
+                    DesiredRevision.edge_id == edge_id, DesiredRevision.model_version_id == model_id
+                )
+            )
+            deployed = desired is not None or session.scalar(
+                select(DeploymentTarget.id)
+                .join(Deployment, Deployment.id == DeploymentTarget.deployment_id)
+                .where(DeploymentTarget.edge_id == edge_id, Deployment.model_version_id == model_id)
+                .limit(1)
+            )
+        if not deployed:
+            return Refusal(HTTPStatus.FORBIDDEN, f"{name}@{version} was never sent to edge {edge_id!r}")
+        return None
+
+
+# A well-formed $7$ hash of a random secret nobody knows (same cost as a real one).
+_DUMMY_HASH = "$7$210000$AAAAAAAAAAAAAAAA$" + "A" * 86 + "=="
+
+
 # -- HTTP artifact server with Range support --------------------------------------------------------
 
 _RANGE_RE = re.compile(r"^bytes=(\d*)-(\d*)$")
+# The only files an edge downloads: <name>/<version>/model.tflite (and its manifest).
+_SEGMENT = r"([A-Za-z0-9][A-Za-z0-9_.+-]{0,63})"
+_ARTIFACT_PATH_RE = re.compile(rf"^/{_SEGMENT}/{_SEGMENT}/(model\.tflite|manifest\.json)$")
+BASIC_REALM = "edgefleet artifacts"
 
 
 class ArtifactHandler(SimpleHTTPRequestHandler):
-    """GET/HEAD of files under the store root; single ``Range: bytes=a-b`` requests answer 206."""
+    """GET/HEAD of ``<name>/<version>/model.tflite`` (or ``manifest.json``) under the store root;
+    single ``Range: bytes=a-b`` requests answer 206. Never a directory listing.
+
+    With ``access`` (``EdgeArtifactAccess``) every request needs an edge's HTTP Basic credentials and
+    the model must have been sent to that edge; refusals are 401 (no or wrong credentials), 403 (not
+    an edge, or not its model) and 404 (no such artifact), each with a JSON ``{"detail": ...}`` body.
+    ``/healthz`` answers 200 to anyone (container health checks)."""
+
+    access: EdgeArtifactAccess | None = None
+    server_version = "edgefleet-artifacts"
+    sys_version = ""
 
     def log_message(self, format: str, *args: Any) -> None:
         """Send the request log to this module's logger at debug level instead of stderr."""
         logger.debug("artifact server: %s", format % args)
 
+    def _refuse(self, refusal: Refusal) -> None:
+        body = json.dumps({"detail": refusal.detail}).encode()
+        self.send_response(refusal.status)
+        if refusal.status == HTTPStatus.UNAUTHORIZED:
+            self.send_header("WWW-Authenticate", f'Basic realm="{BASIC_REALM}", charset="UTF-8"')
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(body)
+
+    def _credentials(self) -> tuple[str, str] | None:
+        scheme, _, encoded = self.headers.get("Authorization", "").partition(" ")
+        if scheme.lower() != "basic" or not encoded.strip():
+            return None
+        try:
+            decoded = base64.b64decode(encoded.strip(), validate=True).decode()
+        except (ValueError, UnicodeDecodeError):
+            return None
+        username, colon, secret = decoded.partition(":")
+        return (username, secret) if colon and username and secret else None
+
+    def _check(self) -> bool:
+        """Whether the request may be answered; sends the refusal when not."""
+        path = urlsplit(self.path).path
+        match = _ARTIFACT_PATH_RE.match(unquote(path))
+        if self.access is None:
+            if match is None:
+                self._refuse(Refusal(HTTPStatus.NOT_FOUND, "no such artifact"))
+                return False
+            return True
+        credentials = self._credentials()
+        if credentials is None:
+            self._refuse(Refusal(HTTPStatus.UNAUTHORIZED, "an edge's identity is needed (HTTP Basic)"))
+            return False
+        who = self.access.authenticate(*credentials)
+        if isinstance(who, Refusal):
+            logger.warning(
+                "artifact server: refused %s from %s for %s: %s",
+                credentials[0],
+                self.client_address[0],
+                path,
+                who.detail,
+            )
+            self._refuse(who)
+            return False
+        if match is None:
+            self._refuse(Refusal(HTTPStatus.NOT_FOUND, "no such artifact"))
+            return False
+        refusal = self.access.authorize(who, match.group(1), match.group(2))
+        if refusal is not None:
+            logger.warning("artifact server: %s may not fetch %s: %s", who, path, refusal.detail)
+            self._refuse(refusal)
+            return False
+        return True
+
+    def do_GET(self) -> None:
+        """A download, once the request passes the access check; ``/healthz`` answers anyone."""
+        if urlsplit(self.path).path == "/healthz":
+            body = b'{"status": "ok"}'
+            self.send_response(HTTPStatus.OK)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+            return
+        if self._check():
+            super().do_GET()
+
+    def do_HEAD(self) -> None:
+        """A HEAD, once the request passes the access check."""
+        if self._check():
+            super().do_HEAD()
+
+    def list_directory(self, path: Any) -> None:  # noqa: ARG002  (the base class's signature)
+        """Never list a directory."""
+        self._refuse(Refusal(HTTPStatus.NOT_FOUND, "no such artifact"))
+
+    def send_error(
+        self,
+        code: int,
+        message: str | None = None,
+        explain: str | None = None,  # noqa: ARG002  (the base class's signature)
+    ) -> None:
+        """Errors of the file handler (404, 416, ...) as JSON bodies too."""
+        self._refuse(Refusal(HTTPStatus(code), message or HTTPStatus(code).phrase))
+
     def send_head(self) -> Any:
         """Answer a single-range request with 206 and that slice; others go to the plain file handler."""
         header = self.headers.get("Range")
-        if not header:
-            return super().send_head()
         path = Path(self.translate_path(self.path))
         if not path.is_file():
-            self.send_error(HTTPStatus.NOT_FOUND, "File not found")
+            self._refuse(Refusal(HTTPStatus.NOT_FOUND, "no such artifact"))
             return None
+        if not header:
+            return super().send_head()
         size = path.stat().st_size
         match = _RANGE_RE.match(header.strip())
         if match is None or (not match.group(1) and not match.group(2)):
@@ -315,14 +522,25 @@ class ArtifactHandler(SimpleHTTPRequestHandler):
 
 
 class ArtifactServer:
-    """The artifact directory over HTTP in a background thread (``port=0`` picks a free port)."""
+    """The artifact directory over HTTP in a background thread (``port=0`` picks a free port).
 
-    def __init__(self, root: Path, *, host: str = "127.0.0.1", port: int = 0) -> None:
+    ``access`` is required and explicit: an ``EdgeArtifactAccess`` (edges authenticate and fetch only
+    their own models: what ``edgefleet cloud serve-artifacts`` runs), or ``None`` for an open server
+    (tests and local development only: ``serve-artifacts --no-auth``)."""
+
+    def __init__(
+        self, root: Path, *, access: EdgeArtifactAccess | None, host: str = "127.0.0.1", port: int = 0
+    ) -> None:
         root.mkdir(parents=True, exist_ok=True)
 
         def handler(*args: Any, **kwargs: Any) -> ArtifactHandler:
-            return ArtifactHandler(*args, directory=str(root), **kwargs)
+            return _Handler(*args, directory=str(root), **kwargs)
 
+        class _Handler(ArtifactHandler):
+            pass
+
+        _Handler.access = access
+        self.access = access
         self.httpd = ThreadingHTTPServer((host, port), handler)
         self.httpd.daemon_threads = True
         self._thread: threading.Thread | None = None

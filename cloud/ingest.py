@@ -4,7 +4,23 @@ decisions, dead letters, the devices they hear) from the cloud broker into the r
 At-least-once in, exactly-once stored: messages are PUBACKed only after the batch that stored them
 commits (manual acks, persistent session), and each is deduplicated by its message id. Batches are
 bounded; one bad message is counted, logged with its reason and dead-lettered without stopping the rest.
-No TensorFlow: pseudo-labels come from the teacher's ``.tflite`` on LiteRT."""
+No TensorFlow: pseudo-labels come from the teacher's ``.tflite`` on LiteRT.
+
+Trust (``ingest`` settings): a message larger than ``max_payload_bytes`` is refused undecoded
+(``too_large``); with ``require_enrolled_edges`` (the default) a message on an edge's topic is stored
+only when that edge id is an enrolled, active identity of kind ``edge`` (else ``unknown_edge``,
+``revoked_edge``, ``not_an_edge``), checked against a cache of the active edges that is reloaded when
+``identities.auth_revision`` changes (polled at most every ``IDENTITY_REFRESH_S``); then each edge
+gets ``edge_rate_per_s`` messages per second with bursts of ``edge_burst`` (``rate_limited``). A device
+report only touches the devices the edge serves (``Ingest.serving``; else ``not_served``). A refused
+message is counted (``rejected_by_reason``) and acknowledged; at most ``rejected_dead_letters_per_minute``
+per edge are also stored as dead letters (source ``ingest``, reason ``CODE: detail``), the rest only
+counted (``dead_letters_not_stored``), so a flood cannot fill the dead-letter table.
+
+A label a device sent is evaluation metadata: the sample records it (``label_source`` ``device``) with
+``label_trusted`` only when the device is an active trusted labeller (``identities.set_label_trust``)
+served by the sending edge, and only such labels, a teacher's and an operator's train models
+(``crud.training_samples_clause``)."""
 
 from __future__ import annotations
 
@@ -16,19 +32,24 @@ import logging
 import queue
 import threading
 import time
-from collections import Counter
+from collections import Counter, OrderedDict
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
+from sqlalchemy import select
 from sqlalchemy.exc import DisconnectionError, IntegrityError, InterfaceError, OperationalError
 from sqlalchemy.orm import Session
 
 from cloud.errors import MalformedMessageError
-from cloud.registry import crud, fleet
+from cloud.registry import crud, fleet, identities
 from cloud.registry.db import lock_for_write, savepoint, session_scope, upgrade
+from cloud.registry.models import Device, EdgeNode, Identity
 from shared.codec import decode_window
 from shared.errors import EdgefleetError
+from shared.identity import IdentityKind
 from shared.mqtt import MqttLink
 from shared.schemas import (
     CommandAck,
@@ -43,7 +64,7 @@ from shared.schemas import (
     OnlineState,
     decode_message,
 )
-from shared.settings.cloud import CloudSettings
+from shared.settings.cloud import CloudSettings, IngestSettings
 from shared.topics import DeviceTopic, EdgeTopic
 
 logger = logging.getLogger(__name__)
@@ -61,6 +82,166 @@ TEACHER_REFRESH_S = 60.0
 STORE_RETRY_MIN_S = 0.5
 STORE_RETRY_MAX_S = 30.0
 CLIENT_ID = "edgefleet-cloud-ingest"
+# How often, at most, the ingest asks the registry whether identities changed (``auth_revision``):
+# a revoked edge's messages are refused within about this long. Module-level so tests can patch it.
+IDENTITY_REFRESH_S = 1.0
+# Edges (or edge ids on topics) the ingest keeps a token bucket, a dead-letter budget or a cached
+# refusal for, at most: the least recently heard are forgotten first.
+MAX_TRACKED_EDGES = 10_000
+DEAD_LETTER_WINDOW_S = 60.0
+DEVICE = str(IdentityKind.DEVICE)
+
+
+class Rejection(StrEnum):
+    """Why the ingest refused an uplink message (the dead letter's reason starts with it)."""
+
+    UNKNOWN_EDGE = "unknown_edge"  # no identity of that id
+    REVOKED_EDGE = "revoked_edge"  # an edge identity, revoked
+    NOT_AN_EDGE = "not_an_edge"  # an identity of another kind (a device, a service, an operator)
+    TOO_LARGE = "too_large"  # over ``ingest.max_payload_bytes``: not decoded
+    RATE_LIMITED = "rate_limited"  # over the edge's token bucket
+    NOT_SERVED = "not_served"  # a device report about devices the edge does not serve
+
+
+class TokenBucket:
+    """``rate`` tokens per second, at most ``burst`` saved up; starts full. Pure: the caller gives the
+    (monotonic) time, which may repeat or, out of order, stand still."""
+
+    __slots__ = ("_stamp", "_tokens", "burst", "rate")
+
+    def __init__(self, rate: float, burst: float, now: float) -> None:
+        if rate <= 0 or burst < 1:
+            raise ValueError(f"a token bucket needs rate > 0 and burst >= 1, not {rate} and {burst}")
+        self.rate = rate
+        self.burst = float(burst)
+        self._tokens = float(burst)
+        self._stamp = now
+
+    def tokens(self, now: float) -> float:
+        """The tokens available at ``now`` (nothing taken)."""
+        return min(self.burst, self._tokens + max(0.0, now - self._stamp) * self.rate)
+
+    def take(self, now: float, tokens: float = 1.0) -> bool:
+        """Take ``tokens`` at ``now`` if there are that many; False (and nothing taken) if not."""
+        self._tokens = self.tokens(now)
+        self._stamp = max(self._stamp, now)
+        if self._tokens >= tokens:
+            self._tokens -= tokens
+            return True
+        return False
+
+
+class EdgeLimits:
+    """A token bucket per edge id and a per-edge budget of stored dead letters per minute, for at most
+    ``max_edges`` edge ids (least recently heard forgotten first: a forgotten edge starts full again;
+    past ``max_edges`` edges in one minute, further edges get no dead letters stored). Pure."""
+
+    def __init__(
+        self,
+        *,
+        rate: float,
+        burst: float,
+        dead_letters_per_minute: int,
+        max_edges: int = MAX_TRACKED_EDGES,
+        window_s: float = DEAD_LETTER_WINDOW_S,
+    ) -> None:
+        self.rate = rate
+        self.burst = burst
+        self.dead_letters_per_minute = dead_letters_per_minute
+        self.max_edges = max_edges
+        self.window_s = window_s
+        self._buckets: OrderedDict[str, TokenBucket] = OrderedDict()
+        self._window = -1
+        self._stored: Counter[str] = Counter()
+
+    def allow(self, edge_id: str, now: float) -> bool:
+        """Whether ``edge_id`` may send one more message at ``now``."""
+        bucket = self._buckets.get(edge_id)
+        if bucket is None:
+            bucket = self._buckets[edge_id] = TokenBucket(self.rate, self.burst, now)
+            while len(self._buckets) > self.max_edges:
+                self._buckets.popitem(last=False)
+        else:
+            self._buckets.move_to_end(edge_id)
+        return bucket.take(now)
+
+    def store_dead_letter(self, edge_id: str, now: float) -> bool:
+        """Whether one more refused message of ``edge_id`` may be stored as a dead letter at ``now``
+        (else it is only counted)."""
+        window = int(now // self.window_s)
+        if window != self._window:
+            self._window = window
+            self._stored.clear()
+        if edge_id not in self._stored and len(self._stored) >= self.max_edges:
+            return False
+        if self._stored[edge_id] >= self.dead_letters_per_minute:
+            return False
+        self._stored[edge_id] += 1
+        return True
+
+
+class EdgeTrust:
+    """Which edge ids may send: the active ``edge`` identities, reloaded when ``auth_revision`` moves
+    (asked at most every ``IDENTITY_REFRESH_S``); why any other id is refused is looked up once per
+    revision (at most ``MAX_TRACKED_EDGES`` ids remembered)."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self.revision: int | None = None
+        self.reloads = 0
+        self._clock = clock
+        self._polled = float("-inf")
+        self._active: frozenset[str] = frozenset()
+        self._refused: OrderedDict[str, Rejection] = OrderedDict()
+
+    def refresh(self, session: Session) -> None:
+        """Reload the active edges if identities changed since the last reload (polled at most every
+        ``IDENTITY_REFRESH_S``)."""
+        now = self._clock()
+        if self.revision is not None and now - self._polled < IDENTITY_REFRESH_S:
+            return
+        self._polled = now
+        revision = identities.auth_revision(session)
+        if revision == self.revision:
+            return
+        active = identities.list_identities(session, kind=IdentityKind.EDGE, status=identities.ACTIVE)
+        self._active = frozenset(identity.identity_id for identity in active)
+        self._refused.clear()
+        self.revision = revision
+        self.reloads += 1
+        logger.info("identities at revision %d: %d active edges", revision, len(self._active))
+
+    def is_active(self, edge_id: str) -> bool:
+        """Whether ``edge_id`` was an active edge identity at the last reload."""
+        return edge_id in self._active
+
+    def check(self, session: Session, edge_id: str) -> Rejection | None:
+        """None if ``edge_id`` is an active edge identity, else why its messages are refused."""
+        self.refresh(session)
+        if edge_id in self._active:
+            return None
+        reason = self._refused.get(edge_id)
+        if reason is None:
+            identity = identities.get_identity(session, identity_id=edge_id)
+            if identity is None:
+                reason = Rejection.UNKNOWN_EDGE
+            elif identity.kind != str(IdentityKind.EDGE):
+                reason = Rejection.NOT_AN_EDGE
+            else:
+                reason = Rejection.REVOKED_EDGE  # an edge, not active (revoked since, or at reload)
+            self._refused[edge_id] = reason
+            while len(self._refused) > MAX_TRACKED_EDGES:
+                self._refused.popitem(last=False)
+        return reason
+
+
+@dataclass(frozen=True, slots=True)
+class Verdict:
+    """A refused message: why, the detail for the dead letter, whose budget, and whether it is stored."""
+
+    reason: Rejection
+    detail: str
+    edge_id: str
+    store: bool
 
 
 @dataclass
@@ -69,6 +250,7 @@ class IngestStats:
 
     received: int = 0
     stored: int = 0
+    acknowledged: int = 0  # messages PUBACKed: their batch is committed
     duplicates: int = 0
     malformed: int = 0
     batches: int = 0
@@ -76,12 +258,17 @@ class IngestStats:
     by_kind: Counter[str] = field(default_factory=Counter)
     malformed_by_reason: Counter[str] = field(default_factory=Counter)
     labels_by_source: Counter[str] = field(default_factory=Counter)
+    rejected: int = 0  # refused by trust or limits (not malformed): counted, acknowledged, not stored
+    rejected_by_reason: Counter[str] = field(default_factory=Counter)
+    dead_letters_not_stored: int = 0  # refused messages over the per-edge dead-letter budget
+    labels_untrusted: int = 0  # device labels stored for evaluation only (not a trusted labeller)
 
     def as_dict(self) -> dict[str, Any]:
         """The counters as a JSON-able dict."""
         return {
             "received": self.received,
             "stored": self.stored,
+            "acknowledged": self.acknowledged,
             "duplicates": self.duplicates,
             "malformed": self.malformed,
             "batches": self.batches,
@@ -89,6 +276,10 @@ class IngestStats:
             "by_kind": dict(self.by_kind),
             "malformed_by_reason": dict(self.malformed_by_reason),
             "labels_by_source": dict(self.labels_by_source),
+            "rejected": self.rejected,
+            "rejected_by_reason": dict(self.rejected_by_reason),
+            "dead_letters_not_stored": self.dead_letters_not_stored,
+            "labels_untrusted": self.labels_untrusted,
         }
 
 
@@ -172,6 +363,20 @@ class Ingest:
             upgrade(self.url)
         self.stats = IngestStats()
         self.teacher = Teacher(self.url)
+        self.limits: IngestSettings = settings.ingest
+        self.trust = EdgeTrust()
+        self.edge_limits = EdgeLimits(
+            rate=self.limits.edge_rate_per_s,
+            burst=self.limits.edge_burst,
+            dead_letters_per_minute=self.limits.rejected_dead_letters_per_minute,
+        )
+        # Per batch: whether a device's label may train, by (edge, device).
+        self._label_trust: dict[tuple[str, str], bool] = {}
+        if not self.limits.require_enrolled_edges:
+            logger.warning(
+                "ingest.require_enrolled_edges is off: uplink from ANY edge id is stored, and device "
+                "reports may touch any device; turn it on once every edge is enrolled (fleet enroll)"
+            )
         self.stop_event = threading.Event()
         self.link = MqttLink(settings.broker, client_id=client_id, clean_session=False, manual_ack=True)
         for kind in UPLINK_KINDS:
@@ -227,10 +432,12 @@ class Ingest:
         """Store ``batch``, then PUBACK every message. While the registry is unreachable the batch is
         kept and retried with backoff (nothing is acknowledged, so nothing is lost)."""
         delay = STORE_RETRY_MIN_S
+        # Each message is screened (token bucket, dead-letter budget) once, not again on a retry.
+        verdicts: dict[int, Verdict | None] = {}
         while True:
             saved = copy.deepcopy(self.stats)
             try:
-                self._store_batch_once(batch)
+                self._store_batch_once(batch, verdicts)
                 break
             except (OperationalError, InterfaceError, DisconnectionError) as exc:
                 self.stats = saved  # the transaction rolled back: so do its counts
@@ -244,18 +451,27 @@ class Ingest:
                 delay = min(delay * 2, STORE_RETRY_MAX_S)
         for message in batch:
             self.link.ack(message)
+        self.stats.acknowledged += len(batch)
 
-    def _store_batch_once(self, batch: list[Any]) -> None:
+    def _store_batch_once(self, batch: list[Any], verdicts: dict[int, Verdict | None] | None = None) -> None:
         """One transaction for the batch, a savepoint per message."""
         seen: set[str] = set()
+        verdicts = {} if verdicts is None else verdicts
+        self._label_trust = {}
         with session_scope(self.url) as session:
             # The first savepoint would otherwise open a deferred transaction that reads (dedup
             # lookups) before it writes, and a refused upgrade sent the batch into the retry backoff.
             lock_for_write(session)
-            for message in batch:
+            for index, message in enumerate(batch):
                 self.stats.received += 1
                 try:
                     with savepoint(session):
+                        if index not in verdicts:
+                            verdicts[index] = self._screen(session, message)
+                        verdict = verdicts[index]
+                        if verdict is not None:
+                            self._reject(session, message.topic, message.payload, verdict)
+                            continue
                         self._store(session, message.topic, message.payload, seen)
                 except IntegrityError:
                     # Stored meanwhile by another ingest process (shared subscription redelivery).
@@ -274,6 +490,135 @@ class Ingest:
             crud.add_dead_letter(
                 session, source="ingest", topic=topic[:512], reason=reason[:2000], payload=payload
             )
+
+    # -- trust and limits -------------------------------------------------------------------------
+    def _screen(self, session: Session, message: Any) -> Verdict | None:
+        """Why ``message`` is refused before decoding (size, edge identity, edge rate), or None."""
+        parsed = self.topics.parse(message.topic)  # a bad topic is malformed (raised, dead-lettered)
+        size = len(message.payload)
+        if size > self.limits.max_payload_bytes:
+            return self._verdict(
+                Rejection.TOO_LARGE,
+                f"{size} bytes, over the {self.limits.max_payload_bytes}-byte limit (not decoded)",
+                parsed.entity_id,
+            )
+        if parsed.tier != "edge":
+            return None  # a device's ack or status: the broker keeps each device to its own topics
+        edge_id = parsed.entity_id
+        if self.limits.require_enrolled_edges:
+            reason = self.trust.check(session, edge_id)
+            if reason is not None:
+                return self._verdict(reason, f"{edge_id!r} is not an enrolled, active edge", edge_id)
+        if not self.edge_limits.allow(edge_id, getattr(message, "received_at", None) or time.monotonic()):
+            return self._verdict(
+                Rejection.RATE_LIMITED,
+                f"{edge_id!r} is over {self.limits.edge_rate_per_s:g} messages/s "
+                f"(burst {self.limits.edge_burst})",
+                edge_id,
+            )
+        return None
+
+    def _verdict(self, reason: Rejection, detail: str, edge_id: str) -> Verdict:
+        return Verdict(reason, detail, edge_id, self.edge_limits.store_dead_letter(edge_id, time.monotonic()))
+
+    def _reject(self, session: Session, topic: str, payload: bytes, verdict: Verdict) -> None:
+        """Count a refused message and, within its edge's budget, dead-letter it (payload kept raw)."""
+        self.stats.rejected += 1
+        self.stats.rejected_by_reason[verdict.reason.value] += 1
+        if not verdict.store:
+            self.stats.dead_letters_not_stored += 1
+            logger.debug(
+                "uplink message on %s refused (%s), over the dead-letter budget", topic, verdict.reason
+            )
+            return
+        logger.warning("uplink message on %s refused: %s: %s", topic, verdict.reason, verdict.detail)
+        crud.add_dead_letter(
+            session,
+            source="ingest",
+            topic=topic[:512],
+            reason=f"{verdict.reason.value}: {verdict.detail}"[:2000],
+            payload=payload,
+        )
+
+    def serving(self, session: Session, *, edge_id: str, device_ids: Iterable[str]) -> dict[str, str | None]:
+        """Which of ``device_ids`` edge ``edge_id`` serves: device id -> None if it does, else why not.
+
+        An edge serves a device when the device is an enrolled, active device identity and
+          - the registry has the device behind no edge, or behind this one; or
+          - the device's edge is no longer an active edge identity, or not online, or has not seen
+            the device for ``ingest.device_ttl_s`` (the device moved, or its edge went away): this
+            edge takes it over; or
+          - this edge and the device's edge are in the same registry group (``fleet assign --group``:
+            edges of one site, which hear the same devices): the report updates the device, the
+            device stays behind its edge.
+        Otherwise the device belongs to another live edge of another site (or of an unknown one):
+        the report about it is refused (``not_served``) and touches nothing. With
+        ``require_enrolled_edges`` off every device is served (the ownership rules of
+        ``fleet.record_device_seen`` alone apply)."""
+        wanted = list(dict.fromkeys(device_ids))
+        if not self.limits.require_enrolled_edges:
+            return dict.fromkeys(wanted)
+        enrolled = set(
+            session.scalars(
+                select(Identity.identity_id).where(
+                    Identity.identity_id.in_(wanted),
+                    Identity.kind == DEVICE,
+                    Identity.status == identities.ACTIVE,
+                )
+            )
+        )
+        devices = {
+            d.device_id: d for d in session.scalars(select(Device).where(Device.device_id.in_(wanted)))
+        }
+        owners = {d.edge_id for d in devices.values() if d.edge_id is not None} | {edge_id}
+        edges = {e.edge_id: e for e in session.scalars(select(EdgeNode).where(EdgeNode.edge_id.in_(owners)))}
+        mine = edges.get(edge_id)
+        my_group = None if mine is None else mine.group_id
+        now = time.time()
+        verdicts: dict[str, str | None] = {}
+        for device_id in wanted:
+            device = devices.get(device_id)
+            owner = None if device is None else device.edge_id
+            owner_edge = None if owner is None else edges.get(owner)
+            if device_id not in enrolled:
+                verdicts[device_id] = "not an enrolled, active device"
+                continue
+            free = (
+                owner is None
+                or owner == edge_id
+                or owner_edge is None
+                or owner_edge.state != "online"
+                or not self.trust.is_active(owner)
+                or device is None
+                or device.last_seen is None
+                or now - device.last_seen > self.limits.device_ttl_s
+            )
+            same_site = owner_edge is not None and my_group is not None and my_group == owner_edge.group_id
+            verdicts[device_id] = None if free or same_site else f"behind {owner!r} (online, another group)"
+        return verdicts
+
+    def _takes_over(self, session: Session, *, edge_id: str, device_id: str) -> bool:
+        """Whether ``edge_id`` should become the device's edge although ``record_device_seen`` would
+        keep the current one (it is online but revoked, or has not seen the device within the TTL)."""
+        device = session.scalar(select(Device).where(Device.device_id == device_id))
+        if device is None or device.edge_id in (None, edge_id):
+            return False
+        if not self.trust.is_active(device.edge_id):
+            return True
+        return device.last_seen is None or time.time() - device.last_seen > self.limits.device_ttl_s
+
+    def _device_label_trusted(self, session: Session, *, edge_id: str, device_id: str) -> bool:
+        """Whether a label ``device_id`` sent (through ``edge_id``) may train: the device is an active,
+        trusted labeller, and (with ``require_enrolled_edges``) the edge serves it."""
+        key = (edge_id, device_id)
+        trusted = self._label_trust.get(key)
+        if trusted is None:
+            identity = identities.active_identity(session, identity_id=device_id, kind=IdentityKind.DEVICE)
+            trusted = identity is not None and bool(identity.label_trusted)
+            if trusted and self.limits.require_enrolled_edges:
+                trusted = self.serving(session, edge_id=edge_id, device_ids=[device_id])[device_id] is None
+            self._label_trust[key] = trusted
+        return trusted
 
     def _store(self, session: Session, topic: str, payload: bytes, seen: set[str]) -> None:
         parsed = self.topics.parse(topic)
@@ -322,7 +667,10 @@ class Ingest:
                 return
             seen.add(key)
             crud.mark_processed(session, message_key=key)
-        getattr(self, f"_on_{kind.value}")(session, message)
+        if kind is EdgeTopic.DEVICES:
+            self._on_devices(session, message, topic=topic, payload=payload)
+        else:
+            getattr(self, f"_on_{kind.value}")(session, message)
         self.stats.stored += 1
         self.stats.by_kind[kind.value] += 1
 
@@ -341,13 +689,18 @@ class Ingest:
     def _on_samples(self, session: Session, msg: HardExample) -> None:
         window = msg.window_bytes()
         confidence = max(msg.probabilities) if msg.probabilities else 0.0
-        label, source, label_conf = msg.label, "device", None
+        label, source, label_conf, trusted = msg.label, "device", None, False
         if label is None:
             source = "none"
             if window is not None:
                 guess = self.teacher.label(msg.model_name, window)
                 if guess is not None and guess[1] >= self.settings.thresholds.pseudo_label_confidence:
-                    label, source, label_conf = guess[0], "teacher", guess[1]
+                    label, source, label_conf, trusted = guess[0], "teacher", guess[1], True
+        else:
+            # A device's label evaluates models; it trains them only from a trusted labeller.
+            trusted = self._device_label_trusted(session, edge_id=msg.edge_id, device_id=msg.device_id)
+            if not trusted:
+                self.stats.labels_untrusted += 1
         self.stats.labels_by_source[source] += 1
         crud.add_sample(
             session,
@@ -366,6 +719,7 @@ class Ingest:
             label=label,
             label_source=source,
             label_confidence=label_conf,
+            label_trusted=trusted,
         )
 
     def _on_metrics(self, session: Session, msg: EdgeMetrics) -> None:
@@ -395,9 +749,24 @@ class Ingest:
             # Nobody relays its devices' births and wills any more: "unreachable", not stale "online".
             fleet.mark_edge_devices_unreachable(session, edge_id=msg.edge_id)
 
-    def _on_devices(self, session: Session, msg: DeviceReport) -> None:
+    def _on_devices(self, session: Session, msg: DeviceReport, *, topic: str, payload: bytes) -> None:
+        """Record what the edge reports of the devices it serves (``serving``); the rest of the report
+        is refused as one ``not_served`` dead letter (within the edge's budget) and touches nothing."""
+        verdicts = self.serving(session, edge_id=msg.edge_id, device_ids=[s.device_id for s in msg.devices])
         for seen in msg.devices:
+            if verdicts[seen.device_id] is not None:
+                continue
+            if self.limits.require_enrolled_edges and self._takes_over(
+                session, edge_id=msg.edge_id, device_id=seen.device_id
+            ):
+                crud.upsert_device(session, device_id=seen.device_id, edge_id=msg.edge_id)
             fleet.record_device_seen(session, edge_id=msg.edge_id, seen=seen.model_dump(mode="json"))
+        refused = {device_id: why for device_id, why in verdicts.items() if why is not None}
+        if refused:
+            listed = "; ".join(f"{device_id}: {why}" for device_id, why in list(refused.items())[:20])
+            more = f"; and {len(refused) - 20} more" if len(refused) > 20 else ""
+            detail = f"{msg.edge_id!r} does not serve {len(refused)} reported device(s): {listed}{more}"
+            self._reject(session, topic, payload, self._verdict(Rejection.NOT_SERVED, detail, msg.edge_id))
 
     def _on_deploy(self, session: Session, msg: DeploymentProgress) -> None:
         target = crud.update_deployment_target(

@@ -27,6 +27,11 @@ LOG_ACTIONS: Final[dict[str, tuple[str, str]]] = {
 }
 
 
+# Targets whose state an actuator keeps (memory, heartbeat, state database): a command naming one more
+# is refused. The built-in actions use 3.
+MAX_ACTUATOR_TARGETS: Final = 64
+
+
 class Actuator(ABC):
     """What an ``actuate`` command drives; keeps the last state of each target."""
 
@@ -79,6 +84,8 @@ class LogActuator(Actuator):
             target, state = args.get("target"), args.get("state")
             if not (isinstance(target, str) and isinstance(state, str) and target and state):
                 raise CommandError("action 'set' needs args.target and args.state (strings)")
+            if target not in self.states and len(self.states) >= MAX_ACTUATOR_TARGETS:
+                raise CommandError(f"args.target: at most {MAX_ACTUATOR_TARGETS} actuator targets")
         elif action in LOG_ACTIONS:
             target, state = LOG_ACTIONS[action]
         else:

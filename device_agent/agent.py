@@ -30,6 +30,7 @@ from pydantic import JsonValue, ValidationError
 
 from device_agent.actuators import Actuator, create_actuator
 from device_agent.commands import CommandProcessor
+from device_agent.enrollment import resolve as resolve_enrollment
 from device_agent.errors import AgentError, CommandError, SensorError
 from device_agent.health import CpuMeter, rss_bytes
 from device_agent.outbox import Outbox
@@ -41,7 +42,17 @@ from shared import __version__
 from shared.codec import encode_window
 from shared.errors import CodecError, EdgefleetError, SchemaError
 from shared.mqtt import MqttLink, Publication, PublishHandle, Received
-from shared.schemas import DeviceDesired, DeviceStatus, Heartbeat, OnlineState, decode_message, encode_message
+from shared.redact import redact_url
+from shared.schemas import (
+    DeviceDesired,
+    DeviceStatus,
+    Heartbeat,
+    OnlineState,
+    SetConfigArgs,
+    bound_errors,
+    decode_message,
+    encode_message,
+)
 from shared.settings import AgentSettings
 from shared.settings.agent import RUNTIME_SETTINGS
 
@@ -112,20 +123,24 @@ class Agent:
     # -- lifecycle ------------------------------------------------------------------------------
     def start(self) -> None:
         """Open state, sensor and broker link; start the threads. Errors leave nothing running."""
-        s = self.settings
         self._dir_lock.acquire()
         try:
+            # Broker credentials from the enrollment bundle, claimed first on a first start with a token.
+            self.settings = s = resolve_enrollment(self.settings, stop=self._stop)
             self.outbox = Outbox(self.db_path, max_windows=s.outbox_max_windows, max_age_s=s.outbox_max_age_s)
             self.sensor = create_sensor(s.sensor.kind, s.sensor.options, rate_hz=s.rate_hz)
             status = self.topics.device_status(self.device_id)
             will = DeviceStatus(device_id=self.device_id, state=OnlineState.OFFLINE, reason="lwt")
             self.link = MqttLink(
                 s.broker,
-                client_id=f"ef-dev-{self.device_id}",
+                client_id=s.client_id or f"ef-dev-{self.device_id}",
                 clean_session=False,
                 will=Publication(status, encode_message(will), qos=1, retain=True),
                 birth=self._birth(),
                 mqtt5=s.hold_unrouted,
+                # Commands and desired configs waiting for the command thread, at most: beyond it
+                # they are dropped and counted (ping's commands.inbox_full), never held in memory.
+                inbox_max=s.command_inbox_max,
             )
             self.commands = CommandProcessor(
                 device_id=self.device_id,
@@ -167,7 +182,7 @@ class Agent:
             s.rate_hz,
             s.window,
             s.effective_hop,
-            s.broker.url,
+            redact_url(s.broker.url),
             self.db_path,
         )
 
@@ -545,6 +560,11 @@ class Agent:
                 f"setting(s) {', '.join(fixed)} cannot change at runtime (edit the config and restart); "
                 f"runtime settings: {', '.join(sorted(RUNTIME_FIELDS))}"
             )
+        # Upper bounds first (shared/schemas.py SetConfigArgs): a desired config is not a Command,
+        # so nothing has bounded it on the way here.
+        beyond = bound_errors(SetConfigArgs, dict(changes), where="config")
+        if beyond:
+            raise CommandError(f"setting(s) beyond their limits: {'; '.join(beyond)}")
         top = {k: v for k, v in changes.items() if k != "sensor"}
         sensor_changes = self._sensor_changes(changes.get("sensor"))
         with self._lock:

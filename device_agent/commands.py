@@ -21,14 +21,27 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, Final, Protocol
 
-from pydantic import BaseModel, ConfigDict, Field, JsonValue, ValidationError
+from pydantic import JsonValue, ValidationError
 
-from device_agent.actuators import Actuator
+from device_agent.actuators import MAX_ACTUATOR_TARGETS, Actuator
 from device_agent.errors import CommandError
 from device_agent.state import connect, transaction
 from shared.errors import EdgefleetError, SchemaError
 from shared.mqtt import MqttLink, Received
-from shared.schemas import AckStatus, Command, CommandAck, CommandName, decode_message, encode_message
+from shared.schemas import (
+    AckStatus,
+    ActuateArgs,
+    Command,
+    CommandAck,
+    CommandArgs,
+    CommandName,
+    InjectFaultArgs,
+    NoArgs,
+    SetRateArgs,
+    SetWindowArgs,
+    decode_message,
+    encode_message,
+)
 from shared.topics import ID_PATTERN, Topics
 
 logger = logging.getLogger(__name__)
@@ -55,34 +68,6 @@ class AgentControl(Protocol):
 
     def restart_sensor(self) -> dict[str, JsonValue]:
         """Restart the sensor."""
-
-
-class _Args(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-class NoArgs(_Args):
-    """Arguments of a command that takes none."""
-
-
-class SetRateArgs(_Args):
-    """Arguments of ``set_rate``."""
-
-    rate_hz: float
-
-
-class SetWindowArgs(_Args):
-    """Arguments of ``set_window``."""
-
-    window: int
-    hop: int | None = None
-
-
-class InjectFaultArgs(_Args):
-    """Arguments of ``inject_fault``."""
-
-    fault: str
-    severity: float = Field(default=1.0, gt=0, le=1)
 
 
 class CommandStats:
@@ -293,7 +278,7 @@ class CommandProcessor:
 
     # -- handlers -------------------------------------------------------------------------------
     @staticmethod
-    def _args(model: type[_Args], args: dict[str, JsonValue]) -> Any:
+    def _args(model: type[CommandArgs], args: dict[str, JsonValue]) -> Any:
         try:
             return model.model_validate(args)
         except ValidationError as exc:
@@ -305,7 +290,7 @@ class CommandProcessor:
     def _ping(self, args: dict[str, JsonValue]) -> dict[str, JsonValue]:
         self._args(NoArgs, args)
         result = self.control.ping()
-        result["commands"] = dict(self.stats.as_dict())
+        result["commands"] = {**self.stats.as_dict(), "inbox_full": self.link.inbox_full}
         return result
 
     def _set_rate(self, args: dict[str, JsonValue]) -> dict[str, JsonValue]:
@@ -334,6 +319,13 @@ class CommandProcessor:
         return self.control.restart_sensor()
 
     def _actuate(self, args: dict[str, JsonValue]) -> dict[str, JsonValue]:
+        parsed: ActuateArgs = self._args(ActuateArgs, args)  # bounded lengths (shared/schemas.py)
+        states = self.actuator.states
+        if parsed.target is not None and parsed.target not in states and len(states) >= MAX_ACTUATOR_TARGETS:
+            raise CommandError(
+                f"args.target: {parsed.target!r} would be target {len(states) + 1}; "
+                f"at most {MAX_ACTUATOR_TARGETS} actuator targets"
+            )
         target, state = self.actuator.actuate(args)
         assert self.conn is not None
         with transaction(self.conn) as c:

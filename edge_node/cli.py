@@ -14,6 +14,7 @@ import click
 import yaml
 from pydantic import ValidationError
 
+from edge_node.enrollment import apply as apply_enrollment
 from shared.bridge import mosquitto_bridge_config
 from shared.errors import ConfigError
 from shared.settings import EdgeSettings, MqttSettings, load_settings
@@ -92,7 +93,7 @@ def run(
         "batching": {"workers": workers},
         "runtime": {"backend": backend},
     }
-    settings = _merge_load(config_file, overrides)
+    settings = apply_enrollment(_merge_load(config_file, overrides))
     if settings.gil_switch_interval_ms is not None:
         sys.setswitchinterval(settings.gil_switch_interval_ms / 1000.0)
     count = settings.process_count

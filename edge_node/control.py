@@ -47,6 +47,8 @@ GAUGE_KEYS: Final = frozenset(
         "swaps",
         "model_name",
         "model_version",
+        "decoder_cache_bytes",
+        "decoder_cache_entries",
     }
 )
 

@@ -17,7 +17,7 @@ from typing import Any, Final
 
 import numpy as np
 
-from shared.codec import WindowDecoder, WindowView
+from shared.codec import DESCRIPTOR_CACHE_MAX_BYTES, WindowDecoder, WindowView
 from shared.errors import CodecError, TopicError
 from shared.mqtt import Received
 from shared.schemas import DeadLetter, encode_message
@@ -185,6 +185,8 @@ class Ingest:
         dedup: Deduplicator,
         dead_letters: DeadLetters,
         expected_input: Callable[[], tuple[list[int], list[str] | None] | None],
+        *,
+        decoder_cache_bytes: int = DESCRIPTOR_CACHE_MAX_BYTES,
     ) -> None:
         self.topics = topics
         self.dedup = dedup
@@ -193,7 +195,8 @@ class Ingest:
         self.duplicates = 0
         self.stale = 0
         self.accepted = 0
-        self.decoder = WindowDecoder()
+        # Bounded in bytes whatever devices send (labels are not part of its key): shared/codec.py.
+        self.decoder = WindowDecoder(decoder_cache_bytes)
         # topic -> device id, in two generations: a topic not used since the last rotation (every
         # half TTL, or when the newer one is full) is dropped at the next, so silent devices go.
         self._topic_devices: dict[str, str] = {}

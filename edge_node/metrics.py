@@ -212,6 +212,14 @@ class EdgeCollector:
                 len(s.devices),
             ),
             "edge_windows_per_second": ("windows per second since the last metrics message", snap["rate"]),
+            "edge_decoder_cache_bytes": (
+                "bytes held by the telemetry decoder's descriptor cache (at most decoder_cache_max_bytes)",
+                snap.get("decoder_cache_bytes", 0),
+            ),
+            "edge_decoder_cache_entries": (
+                "window descriptors in the telemetry decoder's cache",
+                snap.get("decoder_cache_entries", 0),
+            ),
         }
         for name, (doc, value) in gauges.items():
             yield GaugeMetricFamily(name, doc, value=value)
@@ -228,6 +236,21 @@ class EdgeCollector:
             "edge_decisions_unconfirmed": (
                 "decided windows PUBACKed before the cloud broker confirmed their decisions",
                 snap.get("decisions_unconfirmed", 0),
+            ),
+            "edge_inbox_full": (
+                (
+                    "site messages not queued because the inbox was full (batching.inbox_max): QoS1 "
+                    "ones left un-PUBACKed for the broker to redeliver, the rest in edge_dropped_windows"
+                ),
+                snap.get("inbox_full", 0),
+            ),
+            "edge_inbox_resyncs": (
+                "site reconnections made to have messages held back by a full inbox redelivered",
+                snap.get("inbox_resyncs", 0),
+            ),
+            "edge_decoder_cache_evictions": (
+                "window descriptors evicted from the telemetry decoder's cache (byte bound reached)",
+                snap.get("decoder_cache_evictions", 0),
             ),
         }
         for name, (doc, value) in counters.items():
@@ -246,6 +269,15 @@ class EdgeCollector:
             evicted.add_metric([table, "full"], counts["evicted_full"])
         yield tracked
         yield evicted
+        refused = CounterMetricFamily(
+            "edge_desired_refused",
+            "desired-state orders refused (unsigned, unknown or revoked key, bad signature, wrong edge, "
+            "expired, stale revision, digest mismatch, downgrade, ...), by reason",
+            labels=["reason"],
+        )
+        for reason, count in sorted(snap.get("desired_refused", {}).items()):
+            refused.add_metric([reason], count)
+        yield refused
         acks = CounterMetricFamily("edge_command_acks", "command acks by status", labels=["status"])
         for status, count in snap["acks"].items():
             acks.add_metric([status], count)

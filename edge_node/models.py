@@ -2,8 +2,8 @@
 
 It follows the desired state the cloud retains on the edge's ``desired`` topic:
 
-1. ``received``: the order is parsed; the manifest's ed25519 signature is checked against the
-   configured cloud public key *before* anything is downloaded;
+1. ``received``: the order is parsed and admitted (below); the manifest's ed25519 signature is
+   checked against the edge's key ring *before* anything is downloaded;
 2. ``downloading``: the artifact comes from the manifest's ``http(s)://`` or ``file://`` URL;
 3. ``verifying``: size and sha256 against the manifest, then the interpreter's input/output shapes
    and dtypes against the manifest;
@@ -13,11 +13,35 @@ It follows the desired state the cloud retains on the edge's ``desired`` topic:
    last-good) and the workers' model reference replaced between two batches.
 
 Any failure is reported as ``failed`` with the reason, and the serving model stays. A ``rollback``
-order restores last-good. On restart the active model is loaded from disk.
+order names the version it goes back to: with a manifest it installs that model (downloaded, or
+from the store), without one it restores last-good if that is the named version. On restart the
+active model is loaded from disk.
+
+Before any of that, the order itself must be admitted (``ModelManager._admit``), else it is
+*refused*: nothing is downloaded, the revision is not taken, the old model keeps serving, and the
+refusal is logged (warning), reported (``DeploymentProgress`` stage ``refused`` with the reason) and
+counted (``edge_desired_refused_total{reason}``). An order is refused when it
+
+- does not decode (``malformed``), or is for another edge (``wrong_edge``);
+- is unsigned (``unsigned``), names a key outside the edge's ring (``unknown_key``) or a revoked one
+  (``revoked_key``), or its signature does not verify (``bad_signature``: any field changed);
+- has a revision not above the last one applied (``stale_revision``; that revision itself is the
+  retained order seen again, silently ignored), persisted in ``models/state.json``;
+- has expired or carries no expiry (``expired``);
+- names a model whose digest is not the one signed (``digest_mismatch``);
+- is a rollback naming no version, or a different one than its manifest (``rollback_unnamed``);
+- would install a model *older* than the serving one without being a rollback (``downgrade``).
+  "Older" compares the manifests' signed ``created_at`` (when the cloud built and signed the
+  model): a candidate created before the serving model is older. A serving model without a
+  signature (a local ``--model``) sets no floor.
+
+The key ring (``edge_node/trust.py``) starts from ``model.public_key`` and follows the cloud's
+signed ``KeyRing`` announcements, handled on the same thread as the orders, in arrival order.
 """
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import http.client
 import json
@@ -25,8 +49,10 @@ import logging
 import os
 import queue
 import threading
+import time
 import urllib.error
 import urllib.request
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,25 +64,51 @@ import numpy as np
 from edge_node.errors import DeployError, ModelError
 from edge_node.inference import ActiveModel, ModelHolder
 from edge_node.runtime import Backend, ModelRunner, describe_model
+from edge_node.trust import TrustRing
 from shared.errors import EdgefleetError, SchemaError, SignatureError
+from shared.redact import redact_url
 from shared.schemas import (
     DeploymentProgress,
     DeployStage,
     DesiredAction,
     DesiredState,
+    KeyRing,
     ModelManifest,
     Quantization,
     ReportedState,
     decode_message,
+    manifest_digest,
 )
 from shared.settings.edge import EdgeSettings
-from shared.signing import load_public_key, verify_manifest
+from shared.signing import verify_desired, verify_manifest
 
 logger = logging.getLogger(__name__)
 
 STATE_FILE: Final = "state.json"
+TRUST_DIR: Final = "trust"
+CLOCK_SKEW_S: Final = 60.0  # an order is expired once expires_at is this far behind the edge's clock
+
+
+class RefusedError(EdgefleetError):
+    """An order the edge does not accept; ``code`` is the metric label, the message the reason."""
+
+    def __init__(self, code: str, reason: str) -> None:
+        super().__init__(reason)
+        self.code = code
+
+
+@dataclass(frozen=True)
+class KeyUpdate:
+    """A ``KeyRing`` payload from the keys topic, queued with the orders (handled in arrival order)."""
+
+    payload: bytes
+
+
 DOWNLOAD_CHUNK: Final = 1 << 20
 DOWNLOAD_RESUMES: Final = 3  # Range requests after a transfer is cut off
+# The realm of the cloud's artifact server (cloud.artifacts.BASIC_REALM): only a server challenging for
+# it gets the edge's identity.
+ARTIFACT_REALM: Final = "edgefleet artifacts"
 
 
 @dataclass
@@ -80,12 +132,46 @@ def sha256_hex(content: bytes) -> str:
     return hashlib.sha256(content).hexdigest()
 
 
+def download_identity(settings: EdgeSettings) -> tuple[str, str] | None:
+    """The edge's identity for artifact downloads (HTTP Basic): the username and secret of its cloud
+    link (from its enrollment), or None when it has none or a ``download_token`` is configured."""
+    if settings.model.download_token is not None:
+        return None
+    username, secret = settings.cloud.credentials()
+    return (username, secret) if username and secret else None
+
+
+def _asks_identity(exc: urllib.error.HTTPError) -> bool:
+    """Whether a 401 challenges for an edge's identity: ``Basic realm="edgefleet artifacts"``."""
+    challenge = exc.headers.get("WWW-Authenticate", "") if exc.headers is not None else ""
+    return challenge.lower().startswith("basic") and f'realm="{ARTIFACT_REALM}"' in challenge
+
+
+def _refusal_detail(exc: urllib.error.HTTPError) -> str:
+    """The ``detail`` of a JSON error body (the artifact server's and the API's), else ``""``."""
+    try:
+        body = json.loads(exc.read(4096) or b"{}")
+    except (OSError, ValueError):
+        return ""
+    detail = body.get("detail") if isinstance(body, dict) else None
+    return f": {detail}" if isinstance(detail, str) else ""
+
+
 def fetch_artifact(
-    url: str, limit: int, timeout_s: float, *, token: str | None = None, sha256: str | None = None
+    url: str,
+    limit: int,
+    timeout_s: float,
+    *,
+    token: str | None = None,
+    basic: tuple[str, str] | None = None,
+    sha256: str | None = None,
 ) -> bytes:
     """Bytes at an ``http(s)://`` or ``file://`` URL, at most ``limit`` + 1 of them.
 
-    ``token``: sent as ``Authorization: Bearer`` over http(s); a 401/403 fails naming authentication.
+    ``token``: sent as ``Authorization: Bearer`` over http(s). Else ``basic`` (the edge's identity:
+    username, secret) as HTTP Basic, but only to a server that asks for it: a 401 challenging for realm
+    ``ARTIFACT_REALM`` (the cloud's artifact server); a bucket or CDN a manifest points at never sees
+    it. A 401/403 fails naming authentication and the server's reason.
     ``sha256``: when the server states the artifact's digest (``X-Checksum-SHA256``) and it differs,
     fail before downloading the body. A transfer cut off after some bytes (connection reset, read
     timeout, fewer bytes than Content-Length) is resumed with ``Range: bytes=<got>-``, at most
@@ -102,10 +188,15 @@ def fetch_artifact(
         raise DeployError(f"download: URL scheme {parts.scheme!r} is not http, https or file")
     chunks: list[bytes] = []
     size = 0
-    for attempt in range(DOWNLOAD_RESUMES + 1):
+    resumes = 0
+    identify = False  # send the identity: set once the server challenged for it
+    while True:
         request = urllib.request.Request(url)  # noqa: S310  (scheme checked above)
         if token is not None:  # not forwarded if the server redirects elsewhere
             request.add_unredirected_header("Authorization", f"Bearer {token}")
+        elif basic is not None and identify:
+            pair = base64.b64encode(f"{basic[0]}:{basic[1]}".encode()).decode()
+            request.add_unredirected_header("Authorization", f"Basic {pair}")
         if size:
             request.add_header("Range", f"bytes={size}-")
         try:
@@ -131,16 +222,28 @@ def fetch_artifact(
                     raise http.client.IncompleteRead(b"", missing)
             return b"".join(chunks)
         except urllib.error.HTTPError as exc:
+            challenged = exc.code == 401 and token is None and basic is not None
+            if challenged and not identify and _asks_identity(exc):
+                identify = True  # our artifact server: log in and ask again
+                continue
             if exc.code in (401, 403):
-                why = "no download token configured" if token is None else "the download token was refused"
-                raise DeployError(f"download: {url}: authentication failed (HTTP {exc.code}: {why})") from exc
-            raise DeployError(f"download: {url}: {exc}") from exc
+                if token is not None:
+                    why = "the download token was refused"
+                elif basic is not None:
+                    why = f"identity {basic[0]!r} was refused"
+                else:
+                    why = "no download token configured"
+                raise DeployError(
+                    f"download: {redact_url(url)}: authentication failed (HTTP {exc.code}: {why})"
+                    f"{_refusal_detail(exc)}"
+                ) from exc
+            raise DeployError(f"download: {redact_url(url)}: {exc}{_refusal_detail(exc)}") from exc
         except (OSError, http.client.HTTPException) as exc:  # URLError, resets and timeouts are OSErrors
-            if size == 0 or attempt == DOWNLOAD_RESUMES:
-                cut = f" (cut off after {size} bytes, {attempt} resumes)" if size else ""
-                raise DeployError(f"download: {url}: {exc}{cut}") from exc
-            logger.warning("download of %s cut off after %d bytes (%r): resuming", url, size, exc)
-    raise AssertionError("unreachable")  # the last attempt returns or raises
+            if size == 0 or resumes == DOWNLOAD_RESUMES:
+                cut = f" (cut off after {size} bytes, {resumes} resumes)" if size else ""
+                raise DeployError(f"download: {redact_url(url)}: {exc}{cut}") from exc
+            resumes += 1
+            logger.warning("download of %s cut off after %d bytes (%r): resuming", redact_url(url), size, exc)
 
 
 def derive_manifest(content: bytes, path: Path, backend: Backend, settings: EdgeSettings) -> ModelManifest:
@@ -190,14 +293,16 @@ class ModelManager:
         self._publish_progress = publish_progress
         self._publish_reported = publish_reported
         self.state = self._load_state()
-        self.orders: queue.SimpleQueue[bytes] = queue.SimpleQueue()
+        self.orders: queue.SimpleQueue[bytes | KeyUpdate] = queue.SimpleQueue()
         self.stop_event = threading.Event()
         self._thread: threading.Thread | None = None
-        self.public_key = (
-            load_public_key(settings.model.public_key) if settings.model.public_key is not None else None
+        self.ring = TrustRing(
+            settings.data_dir / TRUST_DIR, settings.model.public_key, settings.model.trusted_keys_dir
         )
         self.deploys_ok = 0
         self.deploys_failed = 0
+        self.refused: Counter[str] = Counter()  # edge_desired_refused_total{reason}
+        self._parked: bytes | None = None  # the last order refused for a key the ring did not know
 
     # -- state on disk ----------------------------------------------------------------------------
     def _load_state(self) -> ManagerState:
@@ -337,29 +442,57 @@ class ModelManager:
             except queue.Empty:
                 continue
             try:
-                self.handle(payload)
+                if isinstance(payload, KeyUpdate):
+                    self.handle_keys(payload.payload)
+                else:
+                    self.handle(payload)
             except Exception:  # one bad order must not stop the manager
                 logger.exception("deployment order failed unexpectedly")
+
+    def submit_keys(self, payload: bytes) -> None:
+        """Queue a ``KeyRing`` message from the keys topic (handled between orders, in order)."""
+        self.orders.put(KeyUpdate(payload))
+
+    def handle_keys(self, payload: bytes) -> None:
+        """Apply the cloud's key ring announcements this edge can verify (synchronously); an order
+        refused earlier for want of its key is tried again once the ring changed."""
+        try:
+            ring = decode_message(payload, KeyRing)
+        except SchemaError as exc:
+            logger.warning("key ring message rejected: %s", exc)
+            return
+        update = self.ring.apply(ring)
+        for why in update.refused:
+            logger.warning("key announcement refused: %s", why)
+        for kid in update.added:
+            logger.info("key ring: trusting key %s", kid)
+        for kid in update.revoked:
+            logger.warning("key ring: key %s revoked", kid)
+        if update.changed and self._parked is not None:
+            parked, self._parked = self._parked, None
+            self.handle(parked)
 
     def handle(self, payload: bytes) -> None:
         """Carry out one desired-state message (synchronously)."""
         try:
             desired = decode_message(payload, DesiredState)
         except SchemaError as exc:
-            logger.warning("desired state rejected: %s", exc)
+            self._refuse(RefusedError("malformed", f"undecodable order: {exc}"), None)
             return
-        if desired.edge_id != self.settings.edge_id:
-            logger.error(
-                "desired state for edge %s ignored (this is %s)", desired.edge_id, self.settings.edge_id
-            )
+        if self.state.revision is not None and desired.revision == self.state.revision:
+            logger.debug("desired revision %d already handled", desired.revision)  # the retained order again
             return
-        if self.state.revision is not None and desired.revision <= self.state.revision:
-            logger.debug("desired revision %d already handled", desired.revision)
+        try:
+            self._admit(desired)
+        except RefusedError as exc:
+            if exc.code == "unknown_key":
+                self._parked = payload
+            self._refuse(exc, desired)
             return
-        version = desired.model.version if desired.model is not None else None
+        version = desired.model.version if desired.model is not None else desired.rollback_to
         try:
             if desired.action is DesiredAction.ROLLBACK:
-                model = self._rollback(desired)
+                model = self._deploy(desired) if desired.model is not None else self._rollback(desired)
                 stage = DeployStage.ROLLED_BACK
             else:
                 model = self._deploy(desired)
@@ -380,6 +513,83 @@ class ModelManager:
         self._save_state()
         self._progress(desired, stage, model.version, ok=True)
         self._publish_reported(self.reported())
+
+    # -- admitting an order ----------------------------------------------------------------------------
+    def _admit(self, desired: DesiredState) -> None:
+        """Raise ``RefusedError`` unless this edge may act on ``desired`` (see the module docstring)."""
+        if desired.edge_id != self.settings.edge_id:
+            raise RefusedError(
+                "wrong_edge", f"order for edge {desired.edge_id}, this is {self.settings.edge_id}"
+            )
+        if self.settings.model.require_signature:
+            self._check_order_signature(desired)
+        if self.state.revision is not None and desired.revision < self.state.revision:
+            raise RefusedError(
+                "stale_revision",
+                f"revision {desired.revision} is not above {self.state.revision}, the last one applied",
+            )
+        if desired.expires_at is None:
+            if self.settings.model.require_signature:
+                raise RefusedError("expired", "the order carries no expiry")
+        elif desired.expires_at + CLOCK_SKEW_S < time.time():
+            raise RefusedError("expired", f"the order expired at {desired.expires_at:.0f} (epoch s)")
+        digest = manifest_digest(desired.model) if desired.model is not None else None
+        if (desired.model_digest is not None or self.settings.model.require_signature) and (
+            desired.model_digest != digest
+        ):
+            raise RefusedError("digest_mismatch", "the model is not the one the order's digest names")
+        if desired.action is DesiredAction.ROLLBACK:
+            if desired.rollback_to is None:
+                raise RefusedError("rollback_unnamed", "a rollback must name the version it goes back to")
+            if desired.model is not None and desired.model.version != desired.rollback_to:
+                raise RefusedError(
+                    "rollback_unnamed",
+                    f"the rollback names {desired.rollback_to} but carries {desired.model.ref}",
+                )
+        elif desired.model is not None:
+            self._check_not_older(desired.model)
+
+    def _check_order_signature(self, desired: DesiredState) -> None:
+        if desired.signature is None:
+            raise RefusedError("unsigned", "the order is unsigned")
+        if desired.key_id is not None and self.ring.is_revoked(desired.key_id):
+            raise RefusedError("revoked_key", f"the order is signed by revoked key {desired.key_id}")
+        key = self.ring.active(desired.key_id)
+        if key is None and not self.ring.keys:
+            raise RefusedError("unknown_key", "no cloud public key is configured (model.public_key)")
+        if key is None:
+            raise RefusedError("unknown_key", f"the order is signed by key {desired.key_id}, not in the ring")
+        try:
+            verify_desired(desired, key)
+        except SignatureError as exc:
+            raise RefusedError("bad_signature", str(exc)) from exc
+
+    def _check_not_older(self, manifest: ModelManifest) -> None:
+        current = self.holder.current
+        if current is None or current.manifest.signature is None or current.sha256 == manifest.sha256:
+            return
+        if manifest.created_at < current.manifest.created_at:
+            raise RefusedError(
+                "downgrade",
+                f"{manifest.ref} is older than the serving {current.manifest.ref}: "
+                "only a signed rollback naming that version may install it",
+            )
+
+    def _refuse(self, refusal: RefusedError, desired: DesiredState | None) -> None:
+        self.refused[refusal.code] += 1
+        revision = desired.revision if desired is not None else None
+        logger.warning(
+            "desired state r%s refused (%s): %s; the serving model stays",
+            revision if revision is not None else "?",
+            refusal.code,
+            refusal,
+        )
+        if desired is None:
+            return  # nothing to report it against: no revision
+        version = desired.model.version if desired.model is not None else desired.rollback_to
+        self._progress(
+            desired, DeployStage.REFUSED, version, ok=False, reason=f"refused ({refusal.code}): {refusal}"
+        )
 
     def _progress(
         self,
@@ -422,6 +632,7 @@ class ModelManager:
             manifest.size_bytes,
             self.settings.model.download_timeout_s,
             token=token.get_secret_value() if token is not None else None,
+            basic=download_identity(self.settings),
             sha256=manifest.sha256,
         )
         self._progress(desired, DeployStage.VERIFYING, manifest.version, ok=True)
@@ -454,18 +665,33 @@ class ModelManager:
     def _check_signature(self, manifest: ModelManifest) -> None:
         if not self.settings.model.require_signature:
             return
-        if self.public_key is None:
-            raise DeployError("signature: no cloud public key is configured (model.public_key)")
-        try:
-            verify_manifest(manifest, self.public_key)
-        except SignatureError as exc:
-            raise DeployError(f"signature: {exc}") from exc
+        keys = self.ring.known(manifest.key_id)
+        if not keys:
+            raise DeployError(
+                "signature: no cloud public key is configured (model.public_key)"
+                if not self.ring.keys
+                else f"signature: model {manifest.ref} is signed by key {manifest.key_id}, not in the ring"
+            )
+        error: SignatureError | None = None
+        for key in keys:
+            try:
+                verify_manifest(manifest, key)
+                return
+            except SignatureError as exc:
+                error = exc
+        raise DeployError(f"signature: {error}")
 
     def _rollback(self, desired: DesiredState) -> ActiveModel:
         target = self.state.last_good
         if target is None or target == self.state.active:
             raise DeployError("rollback: there is no last-good model on disk")
-        self._progress(desired, DeployStage.RECEIVED, None, ok=True)
+        stored = self.state.manifests.get(target) or {}
+        if stored.get("version") != desired.rollback_to:
+            raise DeployError(
+                f"rollback: the last-good model is {stored.get('version')}, "
+                f"the order names {desired.rollback_to}"
+            )
+        self._progress(desired, DeployStage.RECEIVED, desired.rollback_to, ok=True)
         model = self._load_stored(target)
         self._swap(model)
         self.state.active = target

@@ -41,6 +41,7 @@ from edge_node.runtime import load_backend
 from edge_node.uplink import HardExampleMiner, UplinkQueue, UplinkSender
 from shared.errors import MqttError
 from shared.mqtt import MqttLink, Publication, PublishHandle, Received
+from shared.redact import redact_url
 from shared.schemas import (
     Decision,
     OnlineState,
@@ -96,6 +97,7 @@ class EdgeNode(CloudPresence):
         self.cloud_link = MqttLink(
             settings.cloud,
             client_id=f"edgefleet-edge-{self.edge_id}-cloud{suffix}",
+            connection=f"cloud{suffix}",  # with credentials: logs in as <edge>/cloud[-K]
             clean_session=True,
             will=None
             if worker is not None
@@ -111,15 +113,24 @@ class EdgeNode(CloudPresence):
         self.site_link = MqttLink(
             settings.site_broker,
             client_id=f"edgefleet-edge-{self.edge_id}-site{suffix}",
+            connection=f"site{suffix}",  # with credentials: logs in as <edge>/site[-K]
             clean_session=False,
             manual_ack=self._manual_ack,
             own_loop=owned,
+            # Bounded: beyond it telemetry stays un-PUBACKed on the broker (shared/mqtt.py, "Bounded inbox").
+            inbox_max=settings.batching.inbox_max,
         )
         self.dead = DeadLetters(self.edge_id, self._publish_dead)
         self.dedup = Deduplicator(
             settings.dedup_window, settings.dedup_max_devices, ttl_s=settings.device_ttl_s
         )
-        self.ingest = Ingest(self.topics, self.dedup, self.dead, self._expected_input)
+        self.ingest = Ingest(
+            self.topics,
+            self.dedup,
+            self.dead,
+            self._expected_input,
+            decoder_cache_bytes=settings.decoder_cache_max_bytes,
+        )
         self.commands = CommandTracker(self.topics, self.edge_id, self._publish_site)
         self.devices = (
             SeenDevices(self.edge_id, self.topics)
@@ -155,7 +166,7 @@ class EdgeNode(CloudPresence):
             settings=settings.batching,
             cache=self.cache,
             link=self.site_link if owned else None,
-            housekeeping=self._release_confirmed,
+            housekeeping=self._housekeeping,
         )
         self.recent_windows: deque[np.ndarray] = deque(maxlen=WARMUP_KEPT)
         self.manager = (WorkerModels if worker is not None else ModelManager)(
@@ -254,14 +265,15 @@ class EdgeNode(CloudPresence):
             and self.site_link.wait_subscribed(SITE_CONNECT_WAIT_S)
         ):
             logger.warning(
-                "site broker %s not reachable yet; retrying in the background", self.settings.site_broker.url
+                "site broker %s not reachable yet; retrying in the background",
+                redact_url(self.settings.site_broker.url),
             )
         # Last: "online" on the status topic means serving. Never waited for: decisions need no cloud.
         if self.worker_index is None:  # a worker process: the supervisor owns status and desired state
             self.cloud_link.set_birth(
                 Publication(self._status_topic, self._status_payload(OnlineState.ONLINE), 1, True)
             )
-            self.cloud_link.subscribe(self.cloud_topics.edge(self.edge_id, EdgeTopic.DESIRED), qos=1)
+            self._subscribe_orders()
         self.cloud_link.start()
         # What exists now (modules, settings, the model) lives as long as the process: out of the
         # collector's reach, a full collection no longer stalls decisions for tens of ms.
@@ -384,6 +396,12 @@ class EdgeNode(CloudPresence):
                 self._held.append(held)
             return
         self._release(result.items)
+
+    def _housekeeping(self) -> None:
+        """On a worker thread, every turn: PUBACKs now due, and held-back telemetry asked back."""
+        self._release_confirmed()
+        if self.site_link.holding:
+            self.site_link.redeliver_held()
 
     def _release_confirmed(self, *, final: bool = False) -> None:
         """On a worker thread, every turn: PUBACK held windows whose decisions are confirmed, or that
@@ -537,6 +555,7 @@ class EdgeNode(CloudPresence):
             "dead_total": self.dead.total,
             "dropped": {
                 "overload": self.overload_dropped,
+                "inbox_full": self.site_link.inbox_dropped,  # QoS0 / auto-acked: not redelivered
                 "stale": self.ingest.stale,
                 "inference_error": self.workers.failed_windows,
                 "nonfinite_output": self.stats.nonfinite_total,
@@ -547,6 +566,14 @@ class EdgeNode(CloudPresence):
             "uplink_dropped": self.uplink.dropped,
             "uplink_delivered": self.uplink_sender.delivered,
             "work_depth": self.site_link.inbox.qsize(),
+            # Site messages not queued because the inbox was full (held back for redelivery, or
+            # dropped: dropped["inbox_full"]), and the reconnections that had them redelivered.
+            "inbox_full": self.site_link.inbox_full,
+            "inbox_resyncs": self.site_link.inbox_resyncs,
+            # The telemetry decoder's descriptor cache (bounded in bytes: shared/codec.py).
+            "decoder_cache_bytes": self.ingest.decoder.cache_bytes,
+            "decoder_cache_entries": self.ingest.decoder.cache_entries,
+            "decoder_cache_evictions": self.ingest.decoder.evictions,
             "rate": self.rate_meter.update(self.stats.windows_total),
             "commands_sent": self.commands.sent,
             "devices_known": len(self.devices),
@@ -570,6 +597,7 @@ class EdgeNode(CloudPresence):
                 },
             },
             "acks": dict(self.commands.acks),
+            "desired_refused": dict(self.manager.refused),  # edge_desired_refused_total{reason}
             "swaps": self.holder.swaps,
             "errors": self.workers.errors + self.decision_errors,
             "decisions_unconfirmed": self.decisions_unconfirmed,

@@ -55,9 +55,17 @@ class CloudPresence:
         self.cloud_link.set_birth(Publication(self._status_topic, payload, 1, True))
         self.cloud_link.publish(self._status_topic, payload, qos=1, retain=True)
 
+    def _subscribe_orders(self) -> None:
+        """Subscribe the cloud link to the key ring, then to this edge's desired state: one SUBSCRIBE
+        on connect, so the retained key ring arrives (and is applied) before the retained order."""
+        self.cloud_link.subscribe(self.cloud_topics.keys(), qos=1)
+        self.cloud_link.subscribe(self.cloud_topics.edge(self.edge_id, EdgeTopic.DESIRED), qos=1)
+
     def _control_loop(self) -> None:
-        """Desired-state orders from the cloud link to the model manager, until stopped."""
+        """Desired-state orders and key ring updates from the cloud link to the model manager (in
+        arrival order), until stopped."""
         desired_topic = self.cloud_topics.edge(self.edge_id, EdgeTopic.DESIRED)
+        keys_topic = self.cloud_topics.keys()
         while not self.stop_event.is_set():
             try:
                 msg = self.cloud_link.inbox.get(timeout=ORDERS_POLL_S)
@@ -65,3 +73,5 @@ class CloudPresence:
                 continue
             if msg.topic == desired_topic:
                 self.manager.orders.put(msg.payload)
+            elif msg.topic == keys_topic:
+                self.manager.submit_keys(msg.payload)

@@ -64,6 +64,8 @@ from edge_node.model_check import check_in_child
 from edge_node.models import ModelManager
 from edge_node.presence import CloudPresence
 from edge_node.runtime import Backend
+from shared.errors import ConfigError
+from shared.identity import MAX_EDGE_WORKERS
 from shared.mqtt import MqttLink, Publication, Received
 from shared.schemas import (
     ModelManifest,
@@ -446,10 +448,25 @@ class SupervisorCollector:
         yield per_worker
 
 
+def check_worker_count(settings: EdgeSettings, processes: int) -> None:
+    """``ConfigError`` when the edge logs in with credentials and has more worker processes than the
+    broker has connection names for (``MAX_EDGE_WORKERS``: ``site-K`` / ``cloud-K``, K below it)."""
+    with_credentials = any(
+        broker.credentials()[0] is not None for broker in (settings.site_broker, settings.cloud)
+    )
+    if with_credentials and processes > MAX_EDGE_WORKERS:
+        raise ConfigError(
+            f"edge {settings.edge_id}: {processes} worker processes, but an edge that logs in to the broker "
+            f"has at most {MAX_EDGE_WORKERS} (one pair of connection names each): set processes "
+            f"(--processes) to {MAX_EDGE_WORKERS} or fewer"
+        )
+
+
 class EdgeSupervisor(CloudPresence):
     """A multi-process edge: ``run_forever()`` until ``stop_event`` is set (by a signal)."""
 
     def __init__(self, settings: EdgeSettings, processes: int) -> None:
+        check_worker_count(settings, processes)
         self.settings = settings
         self.edge_id = settings.edge_id
         self.topics = settings.site_broker.topics
@@ -472,6 +489,7 @@ class EdgeSupervisor(CloudPresence):
         self.cloud_link = MqttLink(
             settings.cloud,
             client_id=f"edgefleet-edge-{self.edge_id}-cloud",
+            connection="cloud",  # with credentials: logs in as <edge>/cloud
             clean_session=True,
             will=Publication(self._status_topic, self._status_payload(OnlineState.OFFLINE, "lwt"), 1, True),
             birth=Publication(self._status_topic, self._status_payload(OnlineState.ONLINE), 1, True),
@@ -479,8 +497,13 @@ class EdgeSupervisor(CloudPresence):
         # Device status (retained) and health: a plain, clean subscription of the supervisor's own.
         # Its client id is the one-process edge's site session: connecting clean ends that session, so
         # an edge switched from one process to several leaves no session collecting telemetry behind.
+        # Bounded inbox: a flood of statuses/heartbeats beyond it is dropped and counted (inbox_full).
         self.device_link = MqttLink(
-            settings.site_broker, client_id=f"edgefleet-edge-{self.edge_id}-site", clean_session=True
+            settings.site_broker,
+            client_id=f"edgefleet-edge-{self.edge_id}-site",
+            connection="site",  # with credentials: <edge>/site, the one-process edge's session too
+            clean_session=True,
+            inbox_max=settings.batching.inbox_max,
         )
         self.devices = DeviceTracker(
             self.edge_id,
@@ -530,7 +553,7 @@ class EdgeSupervisor(CloudPresence):
         self.cloud_link.set_birth(
             Publication(self._status_topic, self._status_payload(OnlineState.ONLINE), 1, True)
         )
-        self.cloud_link.subscribe(self.cloud_topics.edge(self.edge_id, EdgeTopic.DESIRED), qos=1)
+        self._subscribe_orders()
         self.cloud_link.start()
         logger.info("edge %s serving with %d worker processes", self.edge_id, len(self.pool.slots))
 
@@ -624,6 +647,7 @@ class EdgeSupervisor(CloudPresence):
             "uplink_dropped": 0,
             "uplink_delivered": 0,
             "work_depth": 0,
+            "inbox_full": 0,
             "commands_sent": 0,
             "acks": {},
             "errors": 0,
@@ -637,5 +661,7 @@ class EdgeSupervisor(CloudPresence):
             model_version=model.version if model else None,
             workers=self.pool.running,
             worker_restarts=self.pool.restarts_total,
+            desired_refused=dict(self.manager.refused),
         )
+        snap["inbox_full"] = snap.get("inbox_full", 0) + self.device_link.inbox_full  # the relay's own
         return snap

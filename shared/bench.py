@@ -10,7 +10,10 @@ from shared.cli import LazyGroup
 
 BENCHMARKS: Final[dict[str, tuple[str, str]]] = {
     "agent": ("device_agent.bench:bench_agent", "Device agent CPU and RSS at 100 Hz x 3 axes."),
-    "edge": ("edge_node.bench:bench_edge", "Edge pipeline vs raw broker vs naive pipeline; latency; RSS."),
+    "edge": (
+        "edge_node.bench:bench_edge",
+        "Edge pipeline vs raw broker vs naive pipeline; latency; RSS; --security: with auth, ACLs, TLS.",
+    ),
     "fleet": (
         "edge_node.fleet_bench:bench_fleet",
         "One site: N devices on their own connections, one edge; lost windows, latency, RSS, CPU.",
@@ -18,7 +21,7 @@ BENCHMARKS: Final[dict[str, tuple[str, str]]] = {
     "compress": ("cloud.bench.compress:bench_compress", "Compression variants: size, accuracy, latency."),
     "rollout": (
         "cloud.bench.rollout:bench_rollout",
-        "Rollout to N edges: time to all serving, lost windows.",
+        "Rollout to N edges: time to all serving, lost windows; --security: on broker run, auth, TLS.",
     ),
     "console": (
         "cloud.bench.console:bench_console",

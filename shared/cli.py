@@ -23,6 +23,7 @@ LAZY_GROUPS: Final[dict[str, tuple[str, str]]] = {
     "rollout": ("cloud.cli.rollout:rollout", "Roll models out to edges, gated on quality."),
     "command": ("cloud.cli.command:command", "Send commands to devices and collect their acks."),
     "admin": ("cloud.cli.admin:admin", "Administration: API tokens."),
+    "broker": ("cloud.cli.broker:broker", "Run the MQTT broker whose users and ACLs come from the registry."),
     "demo": ("cloud.demo.command:demo", "Run the whole topology on this machine."),
     "bench": ("shared.bench:bench", "Benchmarks that print JSON."),
     "tail": ("shared.tail:tail", "Print every message on the wire, decoded."),

@@ -13,17 +13,21 @@ decoding uses numpy when it is installed (edge, cloud) and ``array`` otherwise.
 
 - ``encode_window`` / ``decode_window``: one window, fully validated.
 - ``WindowDecoder``: the same decoding for a hot receive path (the edge's ingest): what a device
-  sends identically in every window is validated once and cached; errors stay ``decode_window``'s.
+  sends identically in every window is validated once and cached (an LRU bounded in bytes, the
+  label not part of its key); errors stay ``decode_window``'s.
 - ``with_ts``: an encoded window with a new timestamp (benchmarks stamp windows at send time).
 """
 
 from __future__ import annotations
 
 import array
+import contextlib
 import math
 import re
 import struct
 import sys
+import threading
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cache
@@ -32,7 +36,7 @@ from typing import Any, Final
 
 from shared.errors import CodecError
 from shared.schemas import MAX_SAMPLE_RATE_HZ as MAX_SAMPLE_RATE_HZ  # noqa: PLC0414  (part of the codec's API)
-from shared.schemas import SEQ_LIMIT, TelemetryWindow
+from shared.schemas import MAX_WINDOW_SAMPLES, SEQ_LIMIT, TelemetryWindow
 from shared.topics import ID_PATTERN
 
 MAGIC: Final = b"EF"
@@ -43,15 +47,19 @@ DTYPE_INT16: Final = 2
 _DTYPE_NAMES: Final = {DTYPE_FLOAT32: "float32", DTYPE_INT16: "int16"}
 _ITEMSIZE: Final = {DTYPE_FLOAT32: 4, DTYPE_INT16: 2}
 HEADER: Final = struct.Struct("<2sBBBBHIQdff")
-# Header bytes magic .. samples: with the device id, channel names and label after the header they
-# make a window's descriptor, the part a device sends identically in every window (WindowDecoder).
+# Header bytes magic .. samples: with the device id and channel names after the header they make a
+# window's descriptor, the part a device sends identically in every window (WindowDecoder); the
+# label that may follow is per-window data.
 _DESCRIPTOR_HEAD: Final = struct.calcsize("<2sBBBBHI")
 _TS_OFFSET: Final = struct.calcsize("<2sBBBBHIQ")
 _TS: Final = struct.Struct("<d")
 MAX_CHANNELS: Final = 64
-MAX_SAMPLES: Final = 65_536
+MAX_SAMPLES: Final = MAX_WINDOW_SAMPLES  # the contract's (shared/schemas.py)
 DEFAULT_MAX_PAYLOAD: Final = 1_048_576
-DESCRIPTOR_CACHE_MAX: Final = 100_000
+# WindowDecoder's descriptor cache, in (estimated) bytes: ~50,000 devices of a few channels each.
+DESCRIPTOR_CACHE_MAX_BYTES: Final = 16 * 1024 * 1024
+# Per cached descriptor beyond its key and strings: the entry tuple, the OrderedDict node and slot.
+_ENTRY_OVERHEAD: Final = 200
 _ID_RE: Final = re.compile(ID_PATTERN)
 _NAME_RE: Final = re.compile(r"^[A-Za-z0-9_.:-]{1,32}$")
 _LITTLE: Final = sys.byteorder == "little"
@@ -327,21 +335,42 @@ class WindowView:
 class WindowDecoder:
     """``decode_window`` with a cache of validated descriptors, for a hot receive path.
 
-    A payload's descriptor (magic, version, flags, dtype, sizes, device id, channel names, label) is
+    A payload's descriptor (magic, version, flags, dtype, sizes, device id, channel names) is
     validated by ``decode_window`` the first time it is seen; later payloads with the same
-    descriptor bytes only get the per-window checks (seq, ts, rate, scale, size, finite values).
-    Any failure is handed back to ``decode_window``, so errors are exactly its own. Without numpy
-    every payload goes through ``decode_window``.
+    descriptor bytes only get the per-window checks (seq, ts, rate, scale, label, size, finite
+    values). The label is per-window data, not schema: it is not part of the key, so a device
+    varying its labels adds no entries. Any failure is handed back to ``decode_window``, so errors
+    are exactly its own. Without numpy every payload goes through ``decode_window``.
+
+    The cache is bounded in bytes, whatever a device sends: an LRU of at most ``max_bytes``
+    (estimated from each entry's key, strings and containers), the least recently used descriptors
+    evicted first (counted in ``evictions``). A hit is a dict lookup and ``move_to_end``, lock-free;
+    a miss (already a full ``decode_window``) takes a lock to insert and evict.
     """
 
     def __init__(
-        self, max_entries: int = DESCRIPTOR_CACHE_MAX, *, max_payload: int = DEFAULT_MAX_PAYLOAD
+        self, max_bytes: int = DESCRIPTOR_CACHE_MAX_BYTES, *, max_payload: int = DEFAULT_MAX_PAYLOAD
     ) -> None:
-        self.max_entries = max_entries
+        if max_bytes < 0:
+            raise ValueError(f"max_bytes must be >= 0, not {max_bytes}")
+        self.max_bytes = max_bytes
         self.max_payload = max_payload
         self._np = _numpy()
-        # descriptor bytes -> (device id, channels, label, payload size, numpy dtype of the values)
-        self._known: dict[bytes, tuple[str, tuple[str, ...], str | None, int, Any]] = {}
+        # descriptor bytes -> (device id, channels, values item size, numpy dtype, entry cost in bytes)
+        self._known: OrderedDict[bytes, tuple[str, tuple[str, ...], int, Any, int]] = OrderedDict()
+        self._lock = threading.Lock()  # inserts and evictions only (the miss path)
+        self._bytes = 0
+        self.evictions = 0
+
+    @property
+    def cache_bytes(self) -> int:
+        """Estimated bytes held by the descriptor cache (always <= ``max_bytes``)."""
+        return self._bytes
+
+    @property
+    def cache_entries(self) -> int:
+        """Descriptors cached."""
+        return len(self._known)
 
     def decode(self, payload: bytes) -> WindowView:
         """Decode and validate one window, like ``decode_window``; ``CodecError`` when malformed."""
@@ -351,7 +380,7 @@ class WindowDecoder:
             return self._slow(payload)
         (_, _, flags, code, id_len, n_channels, n_samples, seq, ts, rate, scale) = HEADER.unpack_from(payload)
         pos = HEADER.size + id_len
-        for _ in range(n_channels + (flags & FLAG_LABEL)):
+        for _ in range(n_channels):
             if pos >= size:
                 return self._slow(payload)
             pos += 1 + payload[pos]
@@ -359,19 +388,26 @@ class WindowDecoder:
         known = self._known.get(key)
         if known is None:
             window = decode_window(payload, max_payload=self.max_payload)  # validates this descriptor
-            if len(self._known) >= self.max_entries:
-                self._known.clear()
-            self._known[key] = (
-                window.device_id,
-                window.channels,
-                window.label,
-                pos + n_samples * n_channels * _ITEMSIZE[code],
-                np.dtype("<f4") if code == DTYPE_FLOAT32 else np.dtype("<i2"),
-            )
+            self._remember(key, window, code)
             return WindowView.of(window)
-        device_id, channels, label, expected_size, dtype = known
+        with contextlib.suppress(KeyError):  # evicted by another thread meanwhile: still valid here
+            self._known.move_to_end(key)
+        device_id, channels, itemsize, dtype, _ = known
+        label = None
+        if flags & FLAG_LABEL:
+            if pos >= size:
+                return self._slow(payload)
+            length = payload[pos]
+            end = pos + 1 + length
+            if length == 0 or end > size:
+                return self._slow(payload)
+            try:
+                label = payload[pos + 1 : end].decode("utf-8")
+            except UnicodeDecodeError:
+                return self._slow(payload)
+            pos = end
         if (
-            size != expected_size
+            size - pos != n_samples * n_channels * itemsize
             or seq >= SEQ_LIMIT
             or not (ts >= 0 and math.isfinite(ts))
             or not 0 < rate <= MAX_SAMPLE_RATE_HZ
@@ -384,6 +420,40 @@ class WindowDecoder:
         if not np.isfinite(values).all():
             return self._slow(payload)
         return WindowView(device_id, seq, ts, rate, channels, values, label)
+
+    def _remember(self, key: bytes, window: TelemetryWindow, code: int) -> None:
+        """Cache a descriptor ``decode_window`` has just validated, evicting the least recently used
+        ones to stay within ``max_bytes`` (an entry larger than that is not cached)."""
+        np = self._np
+        assert np is not None
+        channels = window.channels
+        cost = (
+            _ENTRY_OVERHEAD
+            + sys.getsizeof(key)
+            + sys.getsizeof(window.device_id)
+            + sys.getsizeof(channels)
+            + sum(map(sys.getsizeof, channels))
+        )
+        if cost > self.max_bytes:
+            return
+        entry = (
+            window.device_id,
+            channels,
+            _ITEMSIZE[code],
+            np.dtype("<f4") if code == DTYPE_FLOAT32 else np.dtype("<i2"),
+            cost,
+        )
+        known = self._known
+        with self._lock:
+            old = known.pop(key, None)
+            if old is not None:
+                self._bytes -= old[-1]
+            while known and self._bytes + cost > self.max_bytes:
+                _, evicted = known.popitem(last=False)
+                self._bytes -= evicted[-1]
+                self.evictions += 1
+            known[key] = entry
+            self._bytes += cost
 
     def _slow(self, payload: bytes) -> WindowView:
         return WindowView.of(decode_window(payload, max_payload=self.max_payload))

@@ -3,7 +3,8 @@
 - ``CallbackAPIVersion.VERSION2``; MQTT 3.1.1 (persistent sessions with ``clean_session=False``).
 - TCP_NODELAY on the socket: without it QoS1 round trips sit at 44-88 ms on loopback.
 - Retained birth on every (re)connect and a retained LWT; capped exponential reconnect (paho's).
-- TLS and username/password from ``MqttSettings``.
+- TLS and username/password from ``MqttSettings``; with ``connection`` the username is
+  ``username/connection`` (``shared.identity.connection_username``: an edge's several connections).
 - Callbacks only hand work over: received messages to ``inbox``, connection changes to ``events``,
   acknowledgements to the ``PublishHandle`` each ``publish`` returns (and to that publish's
   ``on_done``, e.g. a queue's ``put``). The owner's own thread does everything else.
@@ -11,6 +12,18 @@
   owner's: it calls ``poll`` (select, read, write, keepalive, reconnect) and ``flush`` itself. The
   edge decides on that thread: a window goes from socket to PUBACK without a thread hand-off, and
   the acks of a whole batch go out in one ``flush`` instead of waking another thread per message.
+
+Bounded inbox (``inbox_max``): paho's callback only compares the inbox's size with the bound. A
+message that does not fit is not queued. With manual acks a QoS1 message is then simply not
+PUBACKed: the broker keeps it in flight, and the link holds back everything after it on that
+connection too (so messages are still taken in the order they came). Once the owner has drained the
+inbox to half the bound, ``redeliver_held`` (the owner's call; an owned loop's ``poll`` makes it)
+shuts the connection's socket down: paho reconnects on the persistent session and the broker
+resends every message not PUBACKed (MQTT resends unacknowledged QoS1 messages only on a new
+connection; mosquitto does not retry them on a live one). A QoS0 message, or any message without
+manual acks (paho PUBACKs it when the callback returns), cannot come back: it is dropped. Both are
+counted (``inbox_full``, ``inbox_dropped``). An owned loop also stops reading its socket while the
+inbox is full: TCP back-pressure, nothing refused at all. Paho's network thread never waits.
 
 Acknowledgements: the link keeps a handle per publish not yet acknowledged, keyed by message id,
 and drops it once completed. paho resends unacknowledged QoS1 messages on every reconnect (clean
@@ -40,6 +53,8 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
 from shared.errors import MqttError
+from shared.identity import connection_username
+from shared.redact import redact_url
 from shared.settings.base import MqttSettings
 
 logger = logging.getLogger(__name__)
@@ -201,11 +216,24 @@ class MqttLink:
         manual_ack: bool = False,
         mqtt5: bool = False,
         own_loop: bool = False,
+        inbox_max: int | None = None,
+        connection: str | None = None,
     ) -> None:
+        if inbox_max is not None and inbox_max < 1:
+            raise ValueError(f"inbox_max must be >= 1 (or None: unbounded), not {inbox_max}")
         self.settings = settings
         self.client_id = client_id
         self.log = log or logger
         self.inbox: queue.SimpleQueue[Received] = inbox if inbox is not None else queue.SimpleQueue()
+        # Bounded inbox (see the module docstring). Counters written by the network thread only.
+        self.inbox_max = inbox_max
+        self.inbox_full = 0  # messages not queued because the inbox was full (held back or dropped)
+        self.inbox_dropped = 0  # of those, gone for good: QoS0, or acked by paho (no manual acks)
+        self.inbox_resyncs = 0  # reconnections made to have held-back messages redelivered
+        self._manual_ack = manual_ack
+        self._holding = False  # a QoS1 message was held back on this connection
+        self._resyncing = False  # the socket was shut down for that; cleared by the next connect
+        self._resync_lock = threading.Lock()  # several owner threads may call redeliver_held
         self._mqtt5 = mqtt5
         self._clean_session = clean_session
         self.events: queue.SimpleQueue[LinkEvent] = queue.SimpleQueue()
@@ -238,7 +266,9 @@ class MqttLink:
         client.enable_logger(logging.getLogger(f"{__name__}.paho"))
         user, password = settings.credentials()
         if user is not None:
-            client.username_pw_set(user, password)
+            # One identity, several connections (an edge's site and cloud links, per worker): each logs
+            # in as ``identity/connection`` (the secured broker forces client id = username).
+            client.username_pw_set(connection_username(user, connection), password)
         if settings.use_tls:
             context = ssl.create_default_context(
                 cafile=str(settings.tls_ca) if settings.tls_ca else None,
@@ -306,6 +336,8 @@ class MqttLink:
             return
         if self.own_loop:
             self._backoff = float(max(1, round(self.settings.reconnect_min_s)))
+        # A new connection: the broker resends what was held back on the last one, in order.
+        self._holding = self._resyncing = False
         with self._sub_lock:
             subs = list(self._subscriptions.items())
         if subs:
@@ -329,6 +361,14 @@ class MqttLink:
         self.events.put(LinkEvent(connected=False, reason=str(reason)))
 
     def _on_message(self, _client: paho.Client, _userdata: Any, msg: paho.MQTTMessage) -> None:
+        limit = self.inbox_max
+        if limit is not None and (self._holding or self.inbox.qsize() >= limit):
+            self.inbox_full += 1
+            if self._manual_ack and msg.qos > 0:
+                self._holding = True  # not PUBACKed: the broker keeps it; redelivered after a resync
+            else:
+                self.inbox_dropped += 1
+            return
         self.inbox.put(Received(msg.topic, bytes(msg.payload), msg.qos, bool(msg.retain), mid=msg.mid))
 
     def _on_subscribe(
@@ -364,6 +404,42 @@ class MqttLink:
     def pending(self) -> int:
         """How many publishes are not acknowledged (QoS1) or written (QoS0) yet."""
         return len(self._pending)
+
+    @property
+    def holding(self) -> bool:
+        """Messages were held back on this connection (inbox full): they come back after a resync."""
+        return self._holding
+
+    def redeliver_held(self) -> bool:
+        """Owner: if messages were held back and the inbox has drained to half its bound, shut the
+        connection down so that the broker resends them on the next one (paho, or an owned loop's
+        ``poll``, reconnects). ``True`` when it did. O(1) otherwise: call it every turn."""
+        if not self._holding or self._resyncing:
+            return False
+        if self.inbox.qsize() > (self.inbox_max or 0) // 2 or not self._resync_lock.acquire(blocking=False):
+            return False
+        try:
+            sock: Any = self._client.socket()
+            if self._resyncing or sock is None:  # done by another thread, or disconnected already
+                return False
+            self._resyncing = True
+            self.inbox_resyncs += 1
+        finally:
+            self._resync_lock.release()
+        self.log.info(
+            "inbox of %s caught up after holding messages back (%d so far): reconnecting for them",
+            self.client_id,
+            self.inbox_full,
+        )
+        with contextlib.suppress(OSError, AttributeError):  # AttributeError: a transport without it
+            sock.shutdown(socket.SHUT_RDWR)
+        if self.own_loop:
+            self.wake()
+        return True
+
+    def _inbox_full_now(self) -> bool:
+        limit = self.inbox_max
+        return limit is not None and self.inbox.qsize() >= limit
 
     def network_socket(self) -> Any:
         """The current socket (``None`` while disconnected), for diagnostics such as TCP_NODELAY."""
@@ -426,14 +502,18 @@ class MqttLink:
         if wake is None:
             raise MqttError(f"poll() on link {self.client_id!r}: not started, or not an owned loop")
         self._owner = threading.current_thread()
+        if self._holding:
+            self.redeliver_held()
         client = self._client
         sock = client.socket()
         if sock is None:
             self._poll_disconnected(wake, timeout)
             return
-        rlist = [sock, wake]
+        # Inbox full: the socket is not read until the owner has taken some (TCP back-pressure).
+        full = self._inbox_full_now()
+        rlist = [wake] if full else [sock, wake]
         wlist = [sock] if client.want_write() else []
-        buffered = sock.pending() if hasattr(sock, "pending") else 0  # TLS: decrypted, not yet read
+        buffered = sock.pending() if hasattr(sock, "pending") and not full else 0  # TLS: decrypted
         try:
             readable, writable, _ = select.select(rlist, wlist, [], 0.0 if buffered else timeout)
         except (OSError, ValueError):  # the socket was closed under us: paho notices below
@@ -473,6 +553,8 @@ class MqttLink:
         """Read every packet already arrived (up to READ_BURST_MAX): they are decided as one batch."""
         client = self._client
         for _ in range(READ_BURST_MAX):
+            if self._inbox_full_now():
+                return  # the rest waits in the socket (and on the broker) until the owner takes some
             if client.loop_read() != MQTTErrorCode.MQTT_ERR_SUCCESS or client.socket() is None:
                 return  # connection lost: paho closed the socket and called on_disconnect
             if not (hasattr(sock, "pending") and sock.pending()):
@@ -500,7 +582,10 @@ class MqttLink:
         except OSError as exc:
             self._next_attempt = now + self._backoff
             self.log.debug(
-                "connect to %s failed (%s); next try in %g s", self.settings.url, exc, self._backoff
+                "connect to %s failed (%s); next try in %g s",
+                redact_url(self.settings.url),
+                exc,
+                self._backoff,
             )
             self._backoff = min(self._backoff * 2, float(max(1, round(self.settings.reconnect_max_s))))
             self.events.put(LinkEvent(connected=False, reason=f"connect failed: {exc}"))

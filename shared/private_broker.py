@@ -85,6 +85,20 @@ def mosquitto_binary() -> str | None:
     return None
 
 
+def terminate(proc: subprocess.Popen[bytes], timeout: float = STOP_TIMEOUT_S) -> None:
+    """SIGTERM a mosquitto (it saves its persistence file on the way out), SIGKILL if it ignores it
+    for ``timeout`` seconds; a process that has exited already is left alone."""
+    if proc.poll() is not None:
+        return
+    proc.terminate()
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        logger.warning("mosquitto (pid %d) ignored SIGTERM for %g s: killing it", proc.pid, timeout)
+        proc.kill()
+        proc.wait()
+
+
 def log_tail(path: Path, lines: int = LOG_TAIL_LINES) -> str:
     """The last ``lines`` lines of a log file ("" when it cannot be read)."""
     try:
@@ -238,17 +252,8 @@ class PrivateMosquitto:
     def stop(self) -> None:
         """Stop cleanly (SIGTERM, then SIGKILL after ``STOP_TIMEOUT_S``); a no-op when not running."""
         proc, self.proc = self.proc, None
-        if proc is None:
-            return
-        proc.terminate()
-        try:
-            proc.wait(STOP_TIMEOUT_S)
-        except subprocess.TimeoutExpired:
-            logger.warning(
-                "mosquitto (pid %d) ignored SIGTERM for %g s: killing it", proc.pid, STOP_TIMEOUT_S
-            )
-            proc.kill()
-            proc.wait()
+        if proc is not None:
+            terminate(proc)
 
     def kill(self) -> None:
         """SIGKILL: what a crash looks like (nothing saved since the last autosave)."""

@@ -8,6 +8,7 @@ binary codec of ``shared.codec`` and are described here by ``TelemetryWindow``.
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 import math
 import time
@@ -170,6 +171,160 @@ class CommandName(StrEnum):
     RESTART_SENSOR = "restart_sensor"
 
 
+# Upper bounds of command arguments, and of the settings a running device may change (``set_config``
+# and the desired config ``DeviceDesired.config``). Every receiver must be able to hold what a command
+# asks for: ``Command`` refuses arguments beyond them wherever it is built or decoded (the cloud's API
+# and CLI, the edge's rules, the device on receipt), naming the argument and its limit. What an
+# argument means (its type, lower bounds, unknown names) is the device's to check and to refuse
+# in its ack: the contract only bounds sizes.
+MAX_RATE_HZ: Final = 100_000.0  # samples per second per channel
+MAX_WINDOW_SAMPLES: Final = 65_536  # samples per window (the codec's own limit)
+MAX_HOP_SAMPLES: Final = 64 * MAX_WINDOW_SAMPLES
+MAX_INT16_SCALE: Final = 1_000_000.0
+MAX_HEARTBEAT_INTERVAL_S: Final = 86_400.0
+MAX_OUTBOX_WINDOWS: Final = 10_000_000
+MAX_OUTBOX_AGE_S: Final = 90 * 86_400.0
+MAX_IN_FLIGHT: Final = 1_000
+MAX_ARG_NAME: Final = 64  # characters of a name-like argument: action, target, state, fault
+MAX_ARG_STRING: Final = 1_024  # characters of any string in the arguments, keys included
+MAX_ARG_ITEMS: Final = 64  # keys of a mapping or items of a list in the arguments
+MAX_ARG_DEPTH: Final = 4  # nesting of mappings and lists in the arguments
+MAX_ARGS_BYTES: Final = 16_384  # the arguments as compact JSON
+
+
+class CommandArgs(BaseModel):
+    """Base of each command's arguments: unknown names refused, no NaN or infinity."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+
+class NoArgs(CommandArgs):
+    """Arguments of a command that takes none (``ping``, ``clear_fault``, ``restart_sensor``)."""
+
+
+class SetRateArgs(CommandArgs):
+    """Arguments of ``set_rate``."""
+
+    rate_hz: float = Field(gt=0, le=MAX_RATE_HZ)
+
+
+class SetWindowArgs(CommandArgs):
+    """Arguments of ``set_window``."""
+
+    window: int = Field(ge=1, le=MAX_WINDOW_SAMPLES)
+    hop: int | None = Field(default=None, ge=1, le=MAX_HOP_SAMPLES)
+
+
+class SensorConfigArgs(CommandArgs):
+    """``set_config``'s ``sensor``: only its options change at runtime (each sensor checks them)."""
+
+    options: dict[str, JsonValue] = Field(default_factory=dict, max_length=MAX_ARG_ITEMS)
+
+
+class SetConfigArgs(CommandArgs):
+    """Arguments of ``set_config`` and the keys of a desired device config: the settings a running
+    agent may change (``shared.settings.agent.RUNTIME_SETTINGS``), each optional and bounded."""
+
+    rate_hz: float | None = Field(default=None, gt=0, le=MAX_RATE_HZ)
+    window: int | None = Field(default=None, ge=1, le=MAX_WINDOW_SAMPLES)
+    hop: int | None = Field(default=None, ge=1, le=MAX_HOP_SAMPLES)
+    encoding: Literal["float32", "int16"] | None = None
+    int16_scale: float | None = Field(default=None, gt=0, le=MAX_INT16_SCALE)
+    send_labels: bool | None = None
+    heartbeat_interval_s: float | None = Field(default=None, gt=0, le=MAX_HEARTBEAT_INTERVAL_S)
+    outbox_max_windows: int | None = Field(default=None, ge=10, le=MAX_OUTBOX_WINDOWS)
+    outbox_max_age_s: float | None = Field(default=None, gt=0, le=MAX_OUTBOX_AGE_S)
+    max_in_flight: int | None = Field(default=None, ge=1, le=MAX_IN_FLIGHT)
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] | None = None
+    sensor: SensorConfigArgs | None = None
+
+
+class InjectFaultArgs(CommandArgs):
+    """Arguments of ``inject_fault``."""
+
+    fault: str = Field(min_length=1, max_length=MAX_ARG_NAME)
+    severity: float = Field(default=1.0, gt=0, le=1)
+
+
+class ActuateArgs(CommandArgs):
+    """Arguments of ``actuate``: an action, and for ``set`` a target and its state. Actuator plugins
+    may take more arguments (``extra`` allowed), bounded like any argument."""
+
+    model_config = ConfigDict(extra="allow", frozen=True, allow_inf_nan=False)
+
+    action: str = Field(min_length=1, max_length=MAX_ARG_NAME)
+    target: str | None = Field(default=None, min_length=1, max_length=MAX_ARG_NAME)
+    state: str | None = Field(default=None, min_length=1, max_length=MAX_ARG_NAME)
+
+
+COMMAND_ARGS: Final[dict[CommandName, type[CommandArgs]]] = {
+    CommandName.PING: NoArgs,
+    CommandName.SET_RATE: SetRateArgs,
+    CommandName.SET_WINDOW: SetWindowArgs,
+    CommandName.SET_CONFIG: SetConfigArgs,
+    CommandName.INJECT_FAULT: InjectFaultArgs,
+    CommandName.CLEAR_FAULT: NoArgs,
+    CommandName.ACTUATE: ActuateArgs,
+    CommandName.RESTART_SENSOR: NoArgs,
+}
+# Pydantic error types that mean "beyond an upper bound" (the rest are the device's to judge).
+_UPPER_BOUND_ERRORS: Final = frozenset({"less_than_equal", "less_than", "too_long", "string_too_long"})
+
+
+def _json_bound_errors(value: Any, where: str, depth: int, out: list[str]) -> None:
+    """Size problems of a JSON value (nesting, items, string lengths), each naming where and the limit."""
+    if isinstance(value, str):
+        if len(value) > MAX_ARG_STRING:
+            out.append(f"{where}: string of {len(value)} characters; at most {MAX_ARG_STRING}")
+        return
+    if not isinstance(value, dict | list):
+        return
+    if depth >= MAX_ARG_DEPTH:
+        out.append(f"{where}: nested deeper than {MAX_ARG_DEPTH} levels")
+        return
+    if len(value) > MAX_ARG_ITEMS:
+        what = "keys" if isinstance(value, dict) else "items"
+        out.append(f"{where}: {len(value)} {what}; at most {MAX_ARG_ITEMS}")
+        return
+    items = value.items() if isinstance(value, dict) else enumerate(value)
+    for key, item in items:
+        if isinstance(key, str) and len(key) > MAX_ARG_STRING:
+            out.append(f"{where}: a key of {len(key)} characters; at most {MAX_ARG_STRING}")
+            continue
+        path = f"{where}.{key}" if isinstance(key, str) else f"{where}[{key}]"
+        _json_bound_errors(item, path, depth + 1, out)
+
+
+def bound_errors(model: type[BaseModel], data: Any, *, where: str) -> list[str]:
+    """The upper bounds ``data`` breaks, one message each naming the field and the limit (e.g.
+    ``args.rate_hz: Input should be less than or equal to 100000``): sizes of the JSON as a whole,
+    then ``model``'s ``le``/``lt``/``max_length`` constraints. Other problems (types, lower bounds,
+    unknown names) are not reported here: the receiver judges those."""
+    out: list[str] = []
+    _json_bound_errors(data, where, 0, out)
+    if out:
+        return out
+    try:
+        size = len(json.dumps(data, separators=(",", ":"), allow_nan=False))
+    except (TypeError, ValueError):  # not JSON: the field's own validation says so
+        return out
+    if size > MAX_ARGS_BYTES:
+        return [f"{where}: {size} bytes of JSON; at most {MAX_ARGS_BYTES}"]
+    try:
+        model.model_validate(data)
+    except ValidationError as exc:
+        for err in exc.errors():
+            if err["type"] in _UPPER_BOUND_ERRORS:
+                loc = ".".join(str(p) for p in (where, *err["loc"]))
+                out.append(f"{loc}: {err['msg']}")
+    return out
+
+
+def command_bound_errors(name: CommandName, args: dict[str, Any]) -> list[str]:
+    """The upper bounds a command's arguments break (``bound_errors`` with the command's args model)."""
+    return bound_errors(COMMAND_ARGS[name], args, where="args")
+
+
 class Command(Message):
     """A command to one device. ``command_id`` dedups; ``expires_at`` bounds when it may run."""
 
@@ -188,6 +343,13 @@ class Command(Message):
             raise ValueError("expires_at must not be before issued_at")
         return self
 
+    @model_validator(mode="after")
+    def _args_within_bounds(self) -> Self:
+        problems = command_bound_errors(self.name, self.args)
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
     @classmethod
     def create(
         cls,
@@ -198,16 +360,20 @@ class Command(Message):
         ttl_s: float = 60.0,
         sender: str = "unknown",
     ) -> Command:
-        """A command for ``device_id`` with a new id, expiring ``ttl_s`` seconds from now."""
+        """A command for ``device_id`` with a new id, expiring ``ttl_s`` seconds from now;
+        ``SchemaError`` (naming the field and the limit) when something is invalid or beyond a bound."""
         issued = now()
-        return cls(
-            device_id=device_id,
-            name=CommandName(name),
-            args=args or {},
-            issued_at=issued,
-            expires_at=issued + ttl_s,
-            sender=sender,
-        )
+        try:
+            return cls(
+                device_id=device_id,
+                name=CommandName(name),
+                args=args or {},
+                issued_at=issued,
+                expires_at=issued + ttl_s,
+                sender=sender,
+            )
+        except ValidationError as exc:
+            raise SchemaError(f"invalid Command: {_describe(exc)}") from exc
 
 
 class AckStatus(StrEnum):
@@ -455,8 +621,24 @@ class DesiredAction(StrEnum):
     ROLLBACK = "rollback"
 
 
+def manifest_digest(manifest: ModelManifest) -> str:
+    """SHA-256 (hex) of a manifest's canonical JSON *including* its signature: what a signed
+    ``DesiredState`` names in ``model_digest``, binding the order to exactly that signed manifest."""
+    data = manifest.model_dump(mode="json")
+    return hashlib.sha256(
+        json.dumps(data, sort_keys=True, separators=(",", ":"), allow_nan=False).encode()
+    ).hexdigest()
+
+
 class DesiredState(Message):
-    """Retained on the edge's desired topic: what the cloud wants the edge to run."""
+    """Retained on the edge's desired topic: what the cloud wants the edge to run.
+
+    Signed as a whole (ed25519 over ``signing_bytes``, ``shared.signing.sign_desired``): the edge
+    refuses an order that is unsigned, for another edge, expired, signed by a key outside its ring
+    (or revoked), or whose revision is not above the last one it applied. ``model_digest`` names the
+    exact signed manifest; a ``rollback`` names the version it goes back to (``rollback_to``). The
+    signature fields are optional so that orders recorded before signing still decode (edges refuse
+    them)."""
 
     type: Literal["desired_state"] = "desired_state"
     edge_id: Id
@@ -466,12 +648,30 @@ class DesiredState(Message):
     rollout_id: str | None = None
     config: dict[str, JsonValue] = Field(default_factory=dict)
     issued_at: Timestamp = Field(default_factory=now)
+    expires_at: Timestamp | None = Field(default=None, description="an edge refuses the order after this")
+    model_digest: str | None = Field(
+        default=None,
+        pattern=r"^[0-9a-f]{64}$",
+        description="sha256 of the model manifest's canonical JSON, signature included",
+    )
+    rollback_to: Annotated[str, Field(min_length=1, max_length=64)] | None = Field(
+        default=None, description="rollback: the model version the edge goes back to"
+    )
+    key_id: Annotated[str, Field(min_length=1, max_length=64)] | None = None
+    signature: str | None = Field(default=None, description="base64 ed25519 signature over signing_bytes()")
 
     @model_validator(mode="after")
     def _deploy_needs_model(self) -> Self:
         if self.action is DesiredAction.DEPLOY and self.model is None:
             raise ValueError("action 'deploy' needs a model")
+        if self.expires_at is not None and self.expires_at < self.issued_at:
+            raise ValueError("expires_at is before issued_at")
         return self
+
+    def signing_bytes(self) -> bytes:
+        """Canonical JSON of every field but the signature: what the cloud signs."""
+        data = self.model_dump(mode="json", exclude={"signature"})
+        return json.dumps(data, sort_keys=True, separators=(",", ":"), allow_nan=False).encode()
 
 
 class DeployStage(StrEnum):
@@ -484,6 +684,7 @@ class DeployStage(StrEnum):
     SWAPPED = "swapped"
     FAILED = "failed"
     ROLLED_BACK = "rolled_back"
+    REFUSED = "refused"  # the order itself was not accepted (signature, edge, expiry, revision, downgrade)
 
 
 class DeploymentProgress(Message):
@@ -498,6 +699,47 @@ class DeploymentProgress(Message):
     ok: bool
     reason: str | None = None
     ts: Timestamp = Field(default_factory=now)
+
+
+class KeyAction(StrEnum):
+    """What a key announcement does to the edges' key ring."""
+
+    ADD = "add"
+    REVOKE = "revoke"
+
+
+class KeyAnnouncement(Message):
+    """One change of the cloud's signing key ring, signed by a key the ring already trusts (never by
+    the key it revokes). ``seq`` numbers the changes from 1; an edge applies each one once."""
+
+    type: Literal["key_announcement"] = "key_announcement"
+    seq: Annotated[int, Field(ge=1)]
+    action: KeyAction
+    key_id: Annotated[str, Field(min_length=1, max_length=64)]
+    public_key: str | None = Field(default=None, description="add: the new key's public PEM")
+    issued_at: Timestamp = Field(default_factory=now)
+    signer_key_id: Annotated[str, Field(min_length=1, max_length=64)] | None = None
+    signature: str | None = Field(default=None, description="base64 ed25519 signature over signing_bytes()")
+
+    @model_validator(mode="after")
+    def _add_needs_key(self) -> Self:
+        if self.action is KeyAction.ADD and not self.public_key:
+            raise ValueError("action 'add' needs public_key")
+        return self
+
+    def signing_bytes(self) -> bytes:
+        """Canonical JSON of every field but the signature: what the signer signs."""
+        data = self.model_dump(mode="json", exclude={"signature"})
+        return json.dumps(data, sort_keys=True, separators=(",", ":"), allow_nan=False).encode()
+
+
+class KeyRing(Message):
+    """Retained on the fleet's keys topic: every key announcement so far, oldest first, so that an
+    edge that missed some (offline, new) replays the whole chain from the key it was configured with."""
+
+    type: Literal["key_ring"] = "key_ring"
+    announcements: list[KeyAnnouncement] = Field(default_factory=list)
+    issued_at: Timestamp = Field(default_factory=now)
 
 
 class ReportedState(BaseModel):
@@ -578,7 +820,8 @@ ControlMessage = Annotated[
     | DeploymentProgress
     | EdgeStatus
     | DeviceDesired
-    | DeviceReport,
+    | DeviceReport
+    | KeyRing,
     Field(discriminator="type"),
 ]
 CONTROL_TYPES: tuple[type[Message], ...] = (
@@ -596,6 +839,7 @@ CONTROL_TYPES: tuple[type[Message], ...] = (
     EdgeStatus,
     DeviceDesired,
     DeviceReport,
+    KeyRing,
 )
 _CONTROL_ADAPTER: TypeAdapter[ControlMessage] = TypeAdapter(ControlMessage)
 MAX_CONTROL_BYTES = 1_048_576

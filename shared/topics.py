@@ -4,6 +4,7 @@ Layout (prefix default ``ef/v1``)::
 
     {prefix}/dev/{device}/{telemetry|status|health|cmd|ack|desired}
     {prefix}/edge/{edge}/{status|decision|samples|metrics|desired|deploy|dead|devices}
+    {prefix}/cloud/keys        (the cloud's signing key ring, retained: ``KeyRing``)
 """
 
 from __future__ import annotations
@@ -119,6 +120,10 @@ class Topics:
         """Where a device's desired configuration is retained."""
         return self.device(device_id, DeviceTopic.DESIRED)
 
+    def keys(self) -> str:
+        """Where the cloud retains its signing key ring (``KeyRing``: key rotations and revocations)."""
+        return f"{self.prefix}/cloud/keys"
+
     # -- subscriptions ------------------------------------------------------------------------
     def all_devices(self, kind: DeviceTopic | None = None) -> str:
         """Wildcard over every device, for one kind or (``None``) all kinds."""
@@ -148,6 +153,49 @@ class Topics:
         if not _SHARE_GROUP_RE.match(group):
             raise TopicError(f"shared subscription group {group!r} is invalid: 1-64 of [A-Za-z0-9_.-]")
         return f"$share/{group}/{topic_filter}"
+
+    # -- claim tokens (first-boot enrollment) ---------------------------------------------------
+    def claim_request(self, token_id: str) -> str:
+        """Where a device holding claim token ``token_id`` asks for its identity."""
+        return f"{self.prefix}/claim/{validate_id(token_id, what='claim token id')}/request"
+
+    def claim_response(self, token_id: str) -> str:
+        """Where the broker's claim handler answers the holder of ``token_id``."""
+        return f"{self.prefix}/claim/{validate_id(token_id, what='claim token id')}/response"
+
+    def all_claim_requests(self) -> str:
+        """Wildcard over every claim request (the broker's claim handler subscribes to it)."""
+        return f"{self.prefix}/claim/+/request"
+
+    def all_claim_responses(self) -> str:
+        """Wildcard over every claim response (what the claim handler may write)."""
+        return f"{self.prefix}/claim/+/response"
+
+    def claim_token_of(self, topic: str) -> str:
+        """The token id of a claim request or response topic; ``TopicError`` if it is not one."""
+        head = f"{self.prefix}/claim/"
+        parts = topic[len(head) :].split("/") if topic.startswith(head) else []
+        if len(parts) != 2 or parts[1] not in ("request", "response"):
+            raise TopicError(f"topic {topic!r} is not a claim request or response under {self.prefix!r}")
+        return validate_id(parts[0], what="claim token id")
+
+    # -- access-control filters (the broker's ACL files) ---------------------------------------
+    def all_device_topics(self) -> str:
+        """Every device topic at any depth: ``{prefix}/dev/#``."""
+        return f"{self.prefix}/dev/#"
+
+    def all_edge_topics(self) -> str:
+        """Every edge topic at any depth: ``{prefix}/edge/#``."""
+        return f"{self.prefix}/edge/#"
+
+    def everything(self) -> str:
+        """Every topic under the prefix: ``{prefix}/#`` (claim topics included)."""
+        return f"{self.prefix}/#"
+
+    @staticmethod
+    def any_shared(topic_filter: str) -> str:
+        """``topic_filter`` as a shared subscription of any group: ``$share/+/{filter}`` (ACL rules)."""
+        return f"$share/+/{topic_filter}"
 
     # -- parser -------------------------------------------------------------------------------
     def parse(self, topic: str) -> ParsedTopic:

@@ -10,13 +10,16 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import logging
 import secrets
 import time
 from dataclasses import dataclass
 
 from cloud.errors import AuthError, PermissionDeniedError
-from cloud.registry import fleet
+from cloud.registry import crud, fleet
 from cloud.registry.db import session_scope
+
+logger = logging.getLogger(__name__)
 
 ROLES = ("viewer", "operator", "admin", "edge")
 # Person roles in order: each may do what the ones before it may.
@@ -77,3 +80,17 @@ def authenticate(*, database_url: str, token: str | None, role: str = "admin") -
             raise PermissionDeniedError(f"token {found.name!r} (role {found.role}) may not do this")
         found.last_used_at = time.time()
         return Principal(found.name, found.role)
+
+
+def record_failed_login(*, database_url: str, client: str, channel: str, target: str, reason: str) -> None:
+    """An audit log row for a refused sign-in (``channel``: ``api`` or ``console``): who tried from
+    where and why it was refused, never the secret that was tried."""
+    with session_scope(database_url) as session:
+        crud.audit(
+            session,
+            actor=f"client:{client}",
+            action=f"{channel}_auth_failed",
+            target=target,
+            detail={"client": client, "reason": reason},
+        )
+    logger.warning("%s: refused a sign-in from %s (%s): %s", channel, client, target, reason)

@@ -13,8 +13,9 @@ from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.orm import Session
 
-from cloud.api import auth
+from cloud.api import auth, ratelimit
 from cloud.api.schemas import ErrorDetail
+from cloud.errors import AuthError, PermissionDeniedError
 from cloud.registry.db import session_scope
 from shared.settings.cloud import CloudSettings
 
@@ -58,6 +59,39 @@ def bearer_token(request: Request) -> str | None:
 _bearer_scheme = HTTPBearer(auto_error=False, description="a token from 'edgefleet admin token create'")
 
 
+def client_address(request: Request) -> str:
+    """The address a request came from (the peer: a reverse proxy in front is one address)."""
+    return request.client.host if request.client else "unknown"
+
+
+def authenticate_request(request: Request, role: str) -> auth.Principal:
+    """The principal of the request's bearer token, which must be allowed ``role``.
+
+    An unknown or revoked token is a failed sign-in: audited (without the token) and counted against
+    the client's address; an address with too many recent failures is refused (429) before its token is
+    even looked at. A missing token is only a 401."""
+    token = bearer_token(request)
+    client = client_address(request)
+    if token is not None and ratelimit.API_TOKENS.blocked(client):
+        raise ratelimit.TooManyFailuresError(ratelimit.API_TOKENS.window_s)
+    database_url = get_database_url(request)
+    try:
+        return auth.authenticate(database_url=database_url, token=token, role=role)
+    except PermissionDeniedError:
+        raise  # a valid token of the wrong role: no failed sign-in
+    except AuthError as exc:
+        if token is not None:
+            ratelimit.API_TOKENS.record(client)
+            auth.record_failed_login(
+                database_url=database_url,
+                client=client,
+                channel="api",
+                target=f"{request.method} {request.url.path}",
+                reason=str(exc),
+            )
+        raise
+
+
 def require(role: str) -> Callable[..., auth.Principal]:
     """A dependency: the principal of the request's bearer token, which must be allowed ``role``."""
 
@@ -65,9 +99,7 @@ def require(role: str) -> Callable[..., auth.Principal]:
         request: Request,
         _credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer_scheme)] = None,
     ) -> auth.Principal:
-        return auth.authenticate(
-            database_url=get_database_url(request), token=bearer_token(request), role=role
-        )
+        return authenticate_request(request, role)
 
     return dependency
 
@@ -82,4 +114,5 @@ Edge = Annotated[auth.Principal, Depends(require("edge"))]
 AUTH_RESPONSES: dict[int | str, dict[str, Any]] = {
     401: {"model": ErrorDetail, "description": "missing, unknown or revoked token"},
     403: {"model": ErrorDetail, "description": "a token whose role may not use this route"},
+    429: {"model": ErrorDetail, "description": "too many failed sign-ins from this address recently"},
 }

@@ -7,11 +7,12 @@ from pathlib import Path
 
 import click
 
-from cloud.artifacts import ArtifactServer
+from cloud.artifacts import ArtifactServer, EdgeArtifactAccess
 from cloud.cli.common import (
     config_option,
     settings_from,
 )
+from cloud.cli.keys import keys as keys_group
 from cloud.fleet.desired_state import publish_desired_state
 from shared.signing import generate_keypair
 
@@ -57,6 +58,9 @@ def keygen(out_dir: Path, name: str, force: bool) -> None:
         raise click.ClickException(f"{private} exists; use --force to replace it")
     key_id = generate_keypair(private, public)
     click.echo(f"key id {key_id}\nprivate {private} (mode 0600)\npublic  {public}")
+
+
+cloud.add_command(keys_group)  # edgefleet cloud keys rotate|revoke|list (cloud/cli/keys.py)
 
 
 @cloud.command()
@@ -137,15 +141,29 @@ def ingest(
 @click.option("--host", default=None)
 @click.option("--port", type=int, default=None)
 @click.option("--dir", "root", type=click.Path(file_okay=False, path_type=Path), default=None)
-def serve_artifacts(config_file: Path | None, host: str | None, port: int | None, root: Path | None) -> None:
-    """Serve the artifact directory over HTTP (Range requests supported, for resumable downloads)."""
+@click.option(
+    "--no-auth",
+    is_flag=True,
+    help="DEVELOPMENT ONLY: serve every artifact to anyone (default: edges authenticate with their "
+    "identity and fetch only the models sent to them)",
+)
+def serve_artifacts(
+    config_file: Path | None, host: str | None, port: int | None, root: Path | None, *, no_auth: bool
+) -> None:
+    """Serve the artifact directory over HTTP (Range requests supported, for resumable downloads).
+
+    Each edge authenticates with HTTP Basic (its enrollment username and secret, checked against the
+    registry) and may download only the artifacts of models sent to it; no directory listing."""
     settings = settings_from(config_file)
+    access = None if no_auth else EdgeArtifactAccess(settings.resolved_database_url)
     server = ArtifactServer(
         root or settings.resolved_artifact_dir,
+        access=access,
         host=host or settings.artifact_host,
         port=settings.artifact_port if port is None else port,
     )
-    click.echo(f"serving {root or settings.resolved_artifact_dir} at {server.url}")
+    mode = "OPEN TO ANYONE (--no-auth)" if access is None else "edges only, each its own models"
+    click.echo(f"serving {root or settings.resolved_artifact_dir} at {server.url}: {mode}")
     try:
         server.serve_forever()
     except KeyboardInterrupt:

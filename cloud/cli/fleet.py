@@ -1,8 +1,10 @@
-"""``edgefleet fleet ...``: list and inspect devices and edges, set desired device config, assign groups."""
+"""``edgefleet fleet ...``: list and inspect devices and edges, set desired device config, assign groups;
+enroll, claim tokens, revoke (broker identities)."""
 
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 from typing import Any
 
@@ -241,3 +243,241 @@ def fleet_assign(
     except (EdgefleetError, ValueError) as exc:
         raise fail(exc) from exc
     click.echo(f"{edge_id or device_id}: group={group} tags={list(tags)}")
+
+
+# -- identities: enrollment, claim tokens, revocation (cloud/fleet/enrollment.py) ----------------------
+
+_KINDS = ["device", "edge", "service", "operator"]
+
+
+def _enrollment_settings(config_file: Path | None) -> Any:
+    """The cloud settings, with the registry migrated to the current schema."""
+    registry_url(config_file)
+    return settings_from(config_file)
+
+
+def _print_rows(rows: list[dict[str, Any]], columns: list[tuple[str, str]], title: str) -> None:
+    from rich.table import Table  # noqa: PLC0415  (rich: only when printing a table)
+
+    table = Table(title=title)
+    for _key, header in columns:
+        table.add_column(header)
+    for row in rows:
+        table.add_row(*[_cell(key, row.get(key)) for key, _header in columns])
+    get_console().print(table)
+
+
+def _cell(key: str, value: Any) -> str:
+    if value is None:
+        return "-"
+    if key.endswith("_at") and isinstance(value, int | float):
+        return ago(value) if value <= time.time() else f"in {_left(value - time.time())}"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    return str(value)
+
+
+def _left(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.0f}s"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f}m"
+    if seconds < 172800:
+        return f"{seconds / 3600:.0f}h"
+    return f"{seconds / 86400:.0f}d"
+
+
+@fleet.command("enroll")
+@click.argument("identity_id", metavar="ID")
+@click.option("--kind", type=click.Choice(_KINDS), required=True, help="what the identity is")
+@click.option(
+    "--role",
+    type=click.Choice(["viewer", "admin"]),
+    default=None,
+    help="operators only: viewer reads every device and edge topic (default), admin also writes them",
+)
+@click.option(
+    "--reissue", is_flag=True, help="give an enrolled identity a new secret (the old one stops working)"
+)
+@click.option(
+    "--out",
+    "out_file",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="write the bundle (with the password) to FILE, mode 0600, instead of printing the password",
+)
+@config_option
+@json_option
+def fleet_enroll(
+    *,
+    identity_id: str,
+    kind: str,
+    role: str | None,
+    reissue: bool,
+    out_file: Path | None,
+    config_file: Path | None,
+    as_json: bool,
+) -> None:
+    """Enroll ID: make its secret, store only its hash, print its enrollment bundle (username, password,
+    client id, broker URL, broker CA, the cloud's public key). The password is shown once. A revoked
+    ID is enrolled again with a new secret; an enrolled one only with --reissue."""
+    from cloud.fleet.enrollment import enroll_identity  # noqa: PLC0415  (SQLAlchemy: only when this command runs)
+    from shared.enrollment import write_bundle  # noqa: PLC0415
+
+    settings = _enrollment_settings(config_file)
+    try:
+        bundle = enroll_identity(
+            settings=settings, identity_id=identity_id, kind=kind, role=role, reissue=reissue, actor=actor()
+        )
+        if out_file is not None:
+            write_bundle(bundle, out_file)
+    except (EdgefleetError, OSError, ValueError) as exc:
+        raise fail(exc) from exc
+    shown = bundle if out_file is None else bundle.without_password()
+    if as_json:
+        data = shown.model_dump(mode="json")
+        if out_file is not None:
+            data["written_to"] = str(out_file)
+        click.echo(json.dumps(data, indent=2))
+        return
+    click.echo(f"enrolled {bundle.kind} {bundle.identity_id}" + (f" ({bundle.role})" if bundle.role else ""))
+    click.echo(f"  username:    {bundle.username}")
+    if out_file is None:
+        click.echo(f"  password:    {bundle.password}   (shown once: the registry keeps only its hash)")
+    else:
+        click.echo(f"  password:    in {out_file} (mode 0600); shown nowhere else")
+    click.echo(f"  client id:   {bundle.client_id}   (the broker forces client id = username)")
+    click.echo(f"  broker:      {bundle.broker_url}")
+    click.echo(f"  broker CA:   {'included' if bundle.ca_certificate else 'none (no TLS CA configured)'}")
+    click.echo(f"  cloud key:   {bundle.cloud_key_id or 'none configured'}")
+    if bundle.kind == "edge":
+        click.echo("  connections: ID/site, ID/cloud, ID/site-K, ID/cloud-K (same password)")
+    click.echo("the broker accepts it once 'edgefleet broker run' has synced (seconds)")
+
+
+@fleet.group("enroll-token")
+def enroll_token() -> None:
+    """One-time claim tokens: a device exchanges one for its own identity on first start."""
+
+
+@enroll_token.command("create")
+@click.option("--count", type=int, default=1, show_default=True, help="how many tokens (one per device)")
+@click.option("--ttl", "ttl", default="24h", show_default=True, help="lifetime: 90s, 30m, 1h, 7d, ...")
+@click.option("--kind", type=click.Choice(["device", "edge"]), default="device", show_default=True)
+@config_option
+@json_option
+def enroll_token_create(*, count: int, ttl: str, kind: str, config_file: Path | None, as_json: bool) -> None:
+    """Create claim tokens (TOKEN_ID.SECRET, printed once, stored hashed). Give each device its own,
+    e.g. in the file its agent's claim_token_file names; it can be used once, until it expires."""
+    from cloud.fleet.enrollment import create_claim_tokens, parse_duration  # noqa: PLC0415  (SQLAlchemy)
+
+    try:
+        ttl_s = parse_duration(ttl)
+    except EdgefleetError as exc:
+        raise click.BadParameter(str(exc), param_hint="--ttl") from exc
+    settings = _enrollment_settings(config_file)
+    try:
+        tokens = create_claim_tokens(settings=settings, count=count, ttl_s=ttl_s, kind=kind, actor=actor())
+    except EdgefleetError as exc:
+        raise fail(exc) from exc
+    expires_at = time.time() + ttl_s
+    if as_json:
+        click.echo(json.dumps({"kind": kind, "expires_at": expires_at, "tokens": tokens}, indent=2))
+        return
+    for value in tokens:
+        click.echo(value)
+    click.echo(
+        f"{len(tokens)} {kind} claim token(s), each usable once, expire in {_left(ttl_s)}: shown once",
+        err=True,
+    )
+
+
+@enroll_token.command("list")
+@config_option
+@json_option
+def enroll_token_list(config_file: Path | None, as_json: bool) -> None:
+    """Claim tokens: kind, created, expires, used by (never their secrets or hashes)."""
+    from cloud.fleet.enrollment import claim_token_rows  # noqa: PLC0415  (SQLAlchemy: only when this runs)
+
+    rows = claim_token_rows(settings=_enrollment_settings(config_file))
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    columns = [
+        ("token_id", "token"),
+        ("kind", "kind"),
+        ("created_at", "created"),
+        ("expires_at", "expires"),
+        ("used_at", "used"),
+        ("used_by", "used by"),
+        ("created_by", "by"),
+    ]
+    _print_rows(rows, columns, f"claim tokens ({len(rows)})")
+
+
+@fleet.command("revoke")
+@click.argument("identity_id", metavar="ID")
+@config_option
+@json_option
+def fleet_revoke(identity_id: str, config_file: Path | None, as_json: bool) -> None:
+    """Revoke ID: the broker refuses it and closes its connections at its next sync. 'fleet enroll ID'
+    enrolls it again with a new secret."""
+    from cloud.fleet.enrollment import revoke_identity  # noqa: PLC0415  (SQLAlchemy: only when this runs)
+
+    settings = _enrollment_settings(config_file)
+    try:
+        row = revoke_identity(settings=settings, identity_id=identity_id, actor=actor())
+    except EdgefleetError as exc:
+        raise fail(exc) from exc
+    if as_json:
+        click.echo(json.dumps(row, indent=2))
+        return
+    click.echo(f"{row['kind']} {identity_id}: revoked")
+
+
+@fleet.command("set-label-trust")
+@click.argument("identity_id", metavar="ID")
+@click.argument("state", type=click.Choice(["on", "off"]))
+@config_option
+def fleet_set_label_trust(identity_id: str, state: str, config_file: Path | None) -> None:
+    """Mark device ID a trusted labeller (on: its labels may train models) or not (off: they only
+    evaluate them)."""
+    from cloud.fleet.enrollment import set_label_trust  # noqa: PLC0415  (SQLAlchemy: only when this runs)
+
+    settings = _enrollment_settings(config_file)
+    try:
+        row = set_label_trust(
+            settings=settings, identity_id=identity_id, trusted=state == "on", actor=actor()
+        )
+    except EdgefleetError as exc:
+        raise fail(exc) from exc
+    click.echo(f"{identity_id}: labels {'train models' if row['label_trusted'] else 'only evaluate models'}")
+
+
+@fleet.command("identities")
+@click.option("--kind", type=click.Choice(_KINDS), default=None, help="only this kind")
+@click.option("--status", type=click.Choice(["active", "revoked"]), default=None, help="only this status")
+@config_option
+@json_option
+def fleet_identities(kind: str | None, status: str | None, config_file: Path | None, as_json: bool) -> None:
+    """Enrolled identities: kind, role, status, label trust, how enrolled (never secrets or hashes)."""
+    from cloud.fleet.enrollment import list_identity_rows  # noqa: PLC0415  (SQLAlchemy: only when this runs)
+
+    try:
+        rows = list_identity_rows(settings=_enrollment_settings(config_file), kind=kind, status=status)
+    except EdgefleetError as exc:
+        raise fail(exc) from exc
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    columns = [
+        ("identity_id", "id"),
+        ("kind", "kind"),
+        ("role", "role"),
+        ("status", "status"),
+        ("label_trusted", "labels train"),
+        ("enrolled_via", "via"),
+        ("created_at", "enrolled"),
+        ("revoked_at", "revoked"),
+    ]
+    _print_rows(rows, columns, f"identities ({len(rows)})")

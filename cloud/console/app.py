@@ -4,6 +4,8 @@ CSP allowing only this origin's scripts)."""
 
 from __future__ import annotations
 
+import logging
+import re
 from collections.abc import Awaitable, Callable
 
 from fastapi import FastAPI, Request, Response
@@ -11,9 +13,11 @@ from fastapi.responses import RedirectResponse
 from fastapi.staticfiles import StaticFiles
 
 from cloud.api import create_app as create_api_app
-from cloud.console.deps import ConsoleForbidden, SignInRequired
+from cloud.console.deps import ConsoleForbidden, SignInRequired, require
 from cloud.console.routes import pages, signin
 from cloud.console.templating import STATIC_DIR, render
+from cloud.errors import AuthError
+from shared.redact import redact_text
 from shared.settings.cloud import CloudSettings
 
 # Pages only run this origin's scripts; styles may be inline (uPlot sizes its canvas in style attributes).
@@ -23,6 +27,29 @@ CONTENT_SECURITY_POLICY = (
 )
 # FastAPI's own /docs pages load Swagger UI from a CDN with inline scripts: they keep their defaults.
 _NO_CSP_PREFIXES = ("/docs", "/redoc", "/openapi.json")
+
+
+_SIGNIN_LINK = re.compile(r"(/signin/link/)[^/?#\s]+")
+
+
+class RedactAccessLog(logging.Filter):
+    """Keeps secrets out of the server's access log: a one-time sign-in link's secret (in its path)
+    and any password or token in a logged URL become ``***``."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        """Rewrite the record's arguments; never drops a record."""
+        if isinstance(record.args, tuple):
+            record.args = tuple(
+                _SIGNIN_LINK.sub(r"\1***", redact_text(arg)) if isinstance(arg, str) else arg
+                for arg in record.args
+            )
+        return True
+
+
+def _redact_access_log() -> None:
+    access = logging.getLogger("uvicorn.access")
+    if not any(isinstance(f, RedactAccessLog) for f in access.filters):
+        access.addFilter(RedactAccessLog())
 
 
 def create_app(settings: CloudSettings) -> FastAPI:
@@ -41,6 +68,23 @@ def mount_console(app: FastAPI, *, routers: tuple[object, ...] = ()) -> None:
     app.add_exception_handler(SignInRequired, _sign_in_first)
     app.add_exception_handler(ConsoleForbidden, _forbidden)
     app.middleware("http")(_security_headers)
+    # The API's /docs, /redoc and /openapi.json: a browser's session (any role) reads them too.
+    app.state.docs_session_auth = _docs_session
+    _redact_access_log()
+
+
+_docs_viewer = require("viewer")
+
+
+async def _docs_session(request: Request) -> object:
+    """A session for the docs pages: a browser without one is sent to sign in; the machine-readable
+    ``/openapi.json`` answers 401 instead."""
+    try:
+        return await _docs_viewer(request)
+    except SignInRequired:
+        if request.url.path.endswith(".json"):
+            raise AuthError("missing bearer token (or console session)") from None
+        raise
 
 
 async def _sign_in_first(request: Request, _exc: Exception) -> Response:

@@ -19,14 +19,20 @@ from shared.settings import AgentSettings, load_settings
 logger = logging.getLogger(__name__)
 
 
-def build(config: Path, broker: str, data_dir: Path, count: int, seed: int) -> list[Agent]:
-    """One ``Agent`` per demo device id, with the same seeds and faults as the per-process devices."""
+def build(  # noqa: PLR0917 - the command line's options
+    config: Path, broker: str, data_dir: Path, count: int, seed: int, identities_dir: Path | None = None
+) -> list[Agent]:
+    """One ``Agent`` per demo device id, with the same seeds and faults as the per-process devices;
+    with ``identities_dir`` each logs in with its own bundle ``<identities_dir>/<device id>.json``."""
     agents = []
     for index, device_id in enumerate(device_ids(count)):
         options: dict[str, object] = {"seed": seed * 1000 + index}
         fault = CLASSES[index % len(CLASSES)]
         if fault != "normal":
             options["fault"] = fault
+        identity: dict[str, object] = {}
+        if identities_dir is not None:
+            identity["enrollment_file"] = identities_dir / f"{device_id}.json"
         settings = load_settings(
             AgentSettings,
             config,
@@ -34,6 +40,7 @@ def build(config: Path, broker: str, data_dir: Path, count: int, seed: int) -> l
             broker={"url": broker},
             sensor={"kind": "simulated", "options": options},
             data_dir=data_dir,
+            **identity,
         )
         agents.append(Agent(settings))
     return agents
@@ -47,9 +54,10 @@ def main() -> None:
     parser.add_argument("--data-dir", type=Path, required=True)
     parser.add_argument("--count", type=int, required=True)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--identities-dir", type=Path, default=None, help="the devices' enrollment bundles")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    agents = build(args.config, args.broker, args.data_dir, args.count, args.seed)
+    agents = build(args.config, args.broker, args.data_dir, args.count, args.seed, args.identities_dir)
     stop = threading.Event()
 
     def on_signal(signum: int, _frame: FrameType | None) -> None:

@@ -84,9 +84,19 @@ class FleetState:
 class Monitor:
     """Consumes the fleet's topics in its own thread; the state is read under ``lock``."""
 
-    def __init__(self, broker_url: str, *, edge_ids: list[str]) -> None:
-        # Reconnect fast: the broker-restart scenario stops the broker for a few seconds.
-        self.settings = MqttSettings(url=broker_url, reconnect_max_s=2.0)
+    def __init__(
+        self,
+        broker_url: str,
+        *,
+        edge_ids: list[str],
+        username: str | None = None,
+        password: str | None = None,
+    ) -> None:
+        # Reconnect fast: the broker-restart scenario stops the broker for a few seconds. With a
+        # per-identity broker the demo passes the cloud listener and the cloud identity's login.
+        self.settings = MqttSettings.model_validate(
+            {"url": broker_url, "reconnect_max_s": 2.0, "username": username, "password": password}
+        )
         self.topics: Topics = self.settings.topics
         self.link = MqttLink(self.settings, client_id=f"edgefleet-demo-monitor-{int(time.time())}")
         self.lock = threading.Lock()

@@ -124,6 +124,7 @@ class Demo:
         self._last_line = 0.0
         self._live: Any = None
         self.console_url: str | None = None
+        self.broker_plan: rt.BrokerPlan | None = None
 
     # -- output ------------------------------------------------------------------------------------
     def say(self, text: str) -> None:
@@ -186,44 +187,57 @@ class Demo:
             self.monitor.stop()
         if self.sup is not None:
             self.sup.stop()
+            rt.reap_broker_leftovers(self.options.data_dir)
 
     def _run(self) -> dict[str, Any]:
         options, sup = self.options, self.sup
         assert sup is not None
-        broker_url, broker_kind = rt.start_broker(sup, options)
+        plan = rt.plan_broker(options)
         celery_env, celery_kind = rt.start_celery_transport(sup, options)
-        env = rt.cloud_env(options, broker_url, celery_env)
+        env = rt.cloud_env(options, plan, celery_env)
         self.settings = settings = rt.load_cloud_settings(env)
-        self.say(
-            f"demo: broker {broker_kind} at {broker_url}; Celery on {celery_kind}; data in {options.data_dir}"
-        )
 
         from cloud.fleet.desired_state import ensure_keys  # noqa: PLC0415  (pydantic, paho: not for --help)
         from cloud.registry.db import upgrade  # noqa: PLC0415  (SQLAlchemy + Alembic: not for --help)
 
+        # Keys before identities (every bundle carries the cloud's public key), identities before the
+        # broker (it reads its users from the registry), the broker before anything connects.
         ensure_keys(settings)
         upgrade(settings.resolved_database_url)
-        if broker_kind == "amqtt" and options.edges > 1:
+        if plan.kind == "amqtt" and options.edges > 1:
             self.say("demo: amqtt has no shared subscriptions, so edges cannot split devices: running 1 edge")
             options.edges = 1
         edge_ids = [f"edge-{i + 1}" for i in range(options.edges)]
         self.topo = topo = rt.Topology(
             options=options,
             supervisor=sup,
-            broker_url=broker_url,
-            broker_kind=broker_kind,
+            broker_url=plan.url,
+            broker_kind=plan.kind,
             celery_kind=celery_kind,
             cloud_env=env,
             edge_ids=edge_ids,
             device_ids=rt.device_ids(options.devices),
+            broker_auth=plan.auth,
+            cloud_broker_url=plan.cloud_url,
         )
+        rt.enroll_topology(topo, settings)
+        # The demo's own connections (desired state, scenarios) log in as the cloud identity too.
+        self.settings = settings = rt.load_cloud_settings(topo.cloud_env)
+        self.broker_plan = plan
+        rt.start_broker(topo, plan)
+        self.say(self._broker_line(topo, celery_kind))
         self._prepare_topology(topo)
         self._start_cloud(topo)
         self._start_console(topo)
         self._start_dashboard()
         from cloud.demo.monitor import Monitor  # noqa: PLC0415  (pydantic, paho: not for --help)
 
-        self.monitor = Monitor(broker_url, edge_ids=edge_ids)
+        self.monitor = Monitor(
+            plan.cloud_url,
+            edge_ids=edge_ids,
+            username=settings.broker.username,
+            password=settings.broker.password.get_secret_value() if settings.broker.password else None,
+        )
         self.monitor.start()
         rt.start_edges(topo)
         self._first_model()
@@ -233,6 +247,17 @@ class Demo:
         self._wait_devices()
         self._stream()
         return self._finish()
+
+    def _broker_line(self, topo: rt.Topology, celery_kind: str) -> str:
+        if topo.per_identity:
+            broker = (
+                f"broker mosquitto (edgefleet broker run) at {topo.broker_url}, cloud listener "
+                f"{topo.cloud_broker_url}; per-identity logins: {len(topo.bundles)} identities enrolled, "
+                f"bundles in {topo.identities_dir}"
+            )
+        else:
+            broker = f"broker amqtt at {topo.broker_url}, no authentication (the amqtt fallback: anonymous)"
+        return f"demo: {broker}; Celery on {celery_kind}; data in {self.options.data_dir}"
 
     def _prepare_topology(self, topo: rt.Topology) -> None:
         """Hook before anything is started on the topology (fault-injection scenarios use it)."""
@@ -513,6 +538,7 @@ class Demo:
             if self.stream_start is None
             else round(time.monotonic() - self.stream_start, 1),
             "broker": self.topo.broker_kind if self.topo else None,
+            "broker_auth": self.topo.broker_auth if self.topo else None,
             "celery": self.topo.celery_kind if self.topo else None,
             "devices_in_one_process": options.devices_in_one_process,
             "windows": {

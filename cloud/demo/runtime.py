@@ -5,10 +5,12 @@ overrides for local ports and directories."""
 
 from __future__ import annotations
 
-import dataclasses
+import contextlib
+import itertools
 import logging
 import os
 import shutil
+import signal
 import sqlite3
 import sys
 import time
@@ -20,10 +22,11 @@ from typing import Any
 
 import yaml
 
-from cloud.demo.supervisor import Supervisor, tail
+from cloud.demo.supervisor import Child, Supervisor, tail
 from cloud.errors import SupervisorError
 from device_agent.state import db_path
-from shared.private_broker import DURABLE, free_port, mosquitto_binary, port_open, write_config
+from shared.identity import MAX_EDGE_WORKERS
+from shared.private_broker import free_port, mosquitto_binary, port_open
 
 logger = logging.getLogger(__name__)
 
@@ -31,7 +34,14 @@ MODEL_NAME = "vibration"
 CLASSES = ("normal", "imbalance", "misalignment", "bearing_fault")
 # Run-scoped state is wiped at each start (simulated machines, edges, broker sessions); the
 # registry, datasets, models and keys under cloud/ are kept between runs.
-RUN_SCOPED = ("broker", "redis", "edges", "devices", "logs")
+# Enrollment bundles (``identities``) are run-scoped too: every run reissues each identity's secret.
+RUN_SCOPED = ("broker", "redis", "edges", "devices", "logs", "identities")
+# What the summary's ``broker_auth`` says: mosquitto under ``edgefleet broker run`` (users and ACLs from
+# the registry, one identity per process) or the embedded amqtt broker, which has no authentication.
+BROKER_AUTH_PER_IDENTITY = "per-identity"
+BROKER_AUTH_NONE = "none (amqtt fallback)"
+BROKER_CHILD = "broker"  # the supervised broker process (``edgefleet broker run`` or amqtt)
+CLOUD_IDENTITY = "cloud"  # the cloud's service identity: cloud services and the demo's own monitor
 
 
 def _repo_root() -> Path:
@@ -89,11 +99,28 @@ class Topology:
     # Fault injection routes some links through a cuttable TCP relay (cloud/demo_scenarios.py):
     edge_cloud_url: str | None = None  # the edges' cloud link (default: the broker, like the site link)
     device_broker_urls: dict[str, str] = field(default_factory=dict)  # per device (default: the broker)
+    broker_auth: str = BROKER_AUTH_NONE  # BROKER_AUTH_PER_IDENTITY under ``edgefleet broker run``
+    cloud_broker_url: str | None = None  # the broker's cloud listener (per-identity broker only)
+    bundles: dict[str, Path] = field(default_factory=dict)  # identity id -> its enrollment bundle
 
     @property
     def data_dir(self) -> Path:
         """The demo's data directory (``--data-dir``)."""
         return self.options.data_dir
+
+    @property
+    def identities_dir(self) -> Path:
+        """Where the enrollment bundles of this run go (0600 each, reissued at every run)."""
+        return self.data_dir / "identities"
+
+    @property
+    def per_identity(self) -> bool:
+        """Whether every process logs in to the broker with its own identity (not on amqtt)."""
+        return self.broker_auth == BROKER_AUTH_PER_IDENTITY
+
+    def enrollment_file(self, identity_id: str) -> Path | None:
+        """The bundle a process of ``identity_id`` logs in with, or None (amqtt: anonymous)."""
+        return self.bundles.get(identity_id) if self.per_identity else None
 
     @property
     def cloud_dir(self) -> Path:
@@ -124,23 +151,123 @@ def prepare_dirs(options: DemoOptions) -> None:
 # -- broker ------------------------------------------------------------------------------------------
 
 
-def start_broker(sup: Supervisor, options: DemoOptions) -> tuple[str, str]:
-    """mosquitto when installed (private config), else the embedded amqtt broker."""
-    port = free_port()
-    workdir = (options.data_dir / "broker").resolve()
+@dataclass(frozen=True)
+class BrokerPlan:
+    """The broker the demo will run: its kind and ports (chosen before the registry is prepared, since
+    the enrollment bundles name the listeners)."""
+
+    kind: str  # mosquitto (under ``edgefleet broker run``) | amqtt
+    port: int  # the site listener: devices, edges (amqtt: its only listener)
+    cloud_port: int | None = None  # mosquitto: the cloud listener (the cloud's service identity)
+
+    @property
+    def url(self) -> str:
+        """The site listener's URL."""
+        return f"mqtt://127.0.0.1:{self.port}"
+
+    @property
+    def cloud_url(self) -> str:
+        """The URL the cloud services use: the cloud listener (amqtt: the one listener)."""
+        return f"mqtt://127.0.0.1:{self.cloud_port or self.port}"
+
+    @property
+    def auth(self) -> str:
+        """What the summary's ``broker_auth`` says."""
+        return BROKER_AUTH_PER_IDENTITY if self.kind == "mosquitto" else BROKER_AUTH_NONE
+
+
+def plan_broker(options: DemoOptions) -> BrokerPlan:
+    """mosquitto when installed (``--broker auto``), with a site and a cloud listener; else amqtt."""
     binary = mosquitto_binary() if options.broker in ("auto", "mosquitto") else None
     if options.broker == "mosquitto" and binary is None:
         raise SupervisorError("--broker mosquitto: mosquitto is not installed")
-    if binary is not None:
-        # Edges ack after deciding (ack_after_decision): DURABLE allows many messages in flight.
-        conf = write_config(workdir, port, dataclasses.replace(DURABLE, autosave_interval_s=5))
-        child = sup.start("mosquitto", [binary, "-c", str(conf)])
-        kind = "mosquitto"
+    port = free_port()
+    if binary is None:
+        return BrokerPlan("amqtt", port)
+    cloud_port = free_port()
+    while cloud_port == port:
+        cloud_port = free_port()
+    return BrokerPlan("mosquitto", port, cloud_port)
+
+
+def broker_config_file(data_dir: Path) -> Path:
+    """The mosquitto.conf ``edgefleet broker run`` writes into the demo's broker directory."""
+    return (data_dir / "broker" / "mosquitto.conf").resolve()
+
+
+def start_broker(topo: Topology, plan: BrokerPlan) -> Child:
+    """Start the broker as the supervised child ``broker``: ``edgefleet broker run`` (mosquitto whose
+    users and ACLs come from the demo's registry: enroll the identities first) or the anonymous amqtt
+    broker; wait until every listener accepts connections. The child can be stopped and restarted
+    (``Supervisor.kill`` / ``restart``): ``broker run`` starts again on the same ports, data dir and
+    persistence file."""
+    sup = topo.supervisor
+    if plan.kind == "mosquitto":
+        argv = [
+            *edgefleet_argv(),
+            "broker",
+            "run",
+            "--config",
+            str(config_dir() / "cloud.yaml"),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(plan.port),
+            "--cloud-port",
+            str(plan.cloud_port),
+            "--data-dir",
+            str((topo.data_dir / "broker").resolve()),
+        ]
+        # The cloud's settings (the same registry) without the cloud identity's login: the broker
+        # needs none.
+        env = {k: v for k, v in topo.cloud_env.items() if k not in CLOUD_LOGIN_VARS}
+        child = sup.start(BROKER_CHILD, argv, env=env)
     else:
-        child = sup.start("amqtt", [sys.executable, "-m", "cloud.demo.broker", "--port", str(port)])
-        kind = "amqtt"
-    sup.wait_port(child, port)
-    return f"mqtt://127.0.0.1:{port}", kind
+        child = sup.start(BROKER_CHILD, [sys.executable, "-m", "cloud.demo.broker", "--port", str(plan.port)])
+    wait_broker(topo, child, plan)
+    return child
+
+
+def wait_broker(topo: Topology, child: Child, plan: BrokerPlan) -> None:
+    """Wait until a (re)started broker child listens on all its ports."""
+    for port in (plan.port, plan.cloud_port):
+        if port:
+            topo.supervisor.wait_port(child, port)
+
+
+def reap_broker_leftovers(data_dir: Path) -> list[int]:
+    """SIGTERM (then SIGKILL) a mosquitto still running on this demo's broker config: ``broker run``
+    keeps mosquitto in its own session, so one killed with SIGKILL (not stopped) leaves it behind.
+    Only processes whose command line is ``... -c <this demo's mosquitto.conf>`` are touched. Returns
+    their pids."""
+    conf = str(broker_config_file(data_dir))
+    found: list[int] = []
+    proc_dir = Path("/proc")
+    if not proc_dir.is_dir():
+        return found
+    for entry in proc_dir.iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            argv = (entry / "cmdline").read_bytes().decode(errors="replace").split("\0")
+        except OSError:
+            continue
+        if any(a == "-c" and b == conf for a, b in itertools.pairwise(argv)):
+            found.append(int(entry.name))
+    for pid in found:
+        logger.warning("mosquitto (pid %d) outlived its broker run process: stopping it", pid)
+        _terminate_pid(pid)
+    return found
+
+
+def _terminate_pid(pid: int, timeout_s: float = 10.0) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            os.kill(pid, 0)  # ProcessLookupError once it is gone
+            time.sleep(0.1)
+        os.kill(pid, signal.SIGKILL)
 
 
 # -- Celery transport ----------------------------------------------------------------------------------
@@ -196,13 +323,21 @@ def start_celery_transport(sup: Supervisor, options: DemoOptions) -> tuple[dict[
 # -- cloud ---------------------------------------------------------------------------------------------
 
 
-def cloud_env(options: DemoOptions, broker_url: str, celery: dict[str, str]) -> dict[str, str]:
-    """Overrides of deploy/config/cloud.yaml for one machine (paths, ports, fast trigger checks)."""
+# The cloud identity's broker login in the cloud services' environment (as deploy/bin/with-identity).
+CLOUD_LOGIN_VARS = ("EDGEFLEET_BROKER__USERNAME", "EDGEFLEET_BROKER__PASSWORD")
+
+
+def cloud_env(options: DemoOptions, plan: BrokerPlan, celery: dict[str, str]) -> dict[str, str]:
+    """Overrides of deploy/config/cloud.yaml for one machine (paths, ports, fast trigger checks). The
+    cloud services use the broker's cloud listener; the bundles enrolled here name the demo's
+    listeners (``enroll_topology`` adds the cloud identity's login)."""
     cloud_dir = (options.data_dir / "cloud").resolve()
     return {
         "EDGEFLEET_CLOUD_CONFIG": str(config_dir() / "cloud.yaml"),
         "EDGEFLEET_DATA_DIR": str(cloud_dir),
-        "EDGEFLEET_BROKER__URL": broker_url,
+        "EDGEFLEET_BROKER__URL": plan.cloud_url,
+        "EDGEFLEET_ENROLLMENT__SITE_BROKER_URL": plan.url,
+        "EDGEFLEET_ENROLLMENT__CLOUD_BROKER_URL": plan.cloud_url,
         "EDGEFLEET_SIGNING_PRIVATE_KEY": str(cloud_dir / "keys" / "signing.key"),
         "EDGEFLEET_SIGNING_PUBLIC_KEY": str(cloud_dir / "keys" / "signing.pub"),
         # Edges share this machine's filesystem: file:// artifact URLs stay valid across demo runs
@@ -335,6 +470,56 @@ def pipeline_config_file(topo: Topology) -> Path:
 
 # -- edges and devices ---------------------------------------------------------------------------------
 
+DEMO_SITE_GROUP = "demo-site"  # the demo's edges share one site broker: each may report all its devices
+
+
+def enroll_topology(topo: Topology, settings: Any) -> None:
+    """Enroll every identity of the demo once per run, as ``fleet enroll`` does: the ``cloud`` service
+    identity (the cloud services and the demo's monitor, on the broker's cloud listener), each edge (in
+    one registry group: one site) and each device; write each bundle (0600) to ``identities/<id>.json``
+    and put the cloud identity's login into ``topo.cloud_env`` (as deploy/bin/with-identity does).
+    An identity enrolled by an earlier run on this data dir gets a new secret (reissued, never a
+    second identity). The simulated devices are marked trusted labellers: the ingest stores only
+    enrolled edges' uplink and reports of enrolled devices, and the drifted windows' labels retrain
+    the model only from trusted labellers. Every secret is hashed at full cost (the broker checks it
+    at each connect); on the amqtt fallback the bundles are written but unused (no authentication)."""
+    from cloud.fleet.enrollment import enroll_identity  # noqa: PLC0415  (SQLAlchemy: not for --help)
+    from cloud.registry import crud, identities  # noqa: PLC0415  (SQLAlchemy: not for --help)
+    from cloud.registry.db import session_scope  # noqa: PLC0415  (SQLAlchemy: not for --help)
+    from shared.enrollment import write_bundle  # noqa: PLC0415  (pydantic: not for --help)
+    from shared.identity import IdentityKind  # noqa: PLC0415  (not for --help)
+
+    directory = topo.identities_dir
+    directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+    directory.chmod(0o700)
+    wanted = [
+        (CLOUD_IDENTITY, IdentityKind.SERVICE),
+        *((edge_id, IdentityKind.EDGE) for edge_id in topo.edge_ids),
+        *((device_id, IdentityKind.DEVICE) for device_id in topo.device_ids),
+    ]
+    for identity_id, kind in wanted:
+        bundle = enroll_identity(
+            settings=settings,
+            identity_id=identity_id,
+            kind=kind,
+            reissue=True,
+            actor="demo",
+            enrolled_via="demo",
+        )
+        path = (directory / f"{identity_id}.json").resolve()
+        write_bundle(bundle, path)
+        topo.bundles[identity_id] = path
+        if identity_id == CLOUD_IDENTITY:
+            assert bundle.password is not None
+            topo.cloud_env["EDGEFLEET_BROKER__USERNAME"] = bundle.username
+            topo.cloud_env["EDGEFLEET_BROKER__PASSWORD"] = bundle.password
+    with session_scope(settings.resolved_database_url) as session:
+        for edge_id in topo.edge_ids:
+            crud.assign(session, edge_id=edge_id, group=DEMO_SITE_GROUP)
+        for device_id in topo.device_ids:
+            identities.set_label_trust(session, identity_id=device_id, trusted=True, actor="demo")
+    logger.info("enrolled %d identities; bundles in %s", len(wanted), directory)
+
 
 def edge_env(options: DemoOptions, broker_kind: str) -> dict[str, str]:
     """Environment overrides of every edge: metrics interval, uplink share and budget, and no shared
@@ -343,6 +528,9 @@ def edge_env(options: DemoOptions, broker_kind: str) -> dict[str, str]:
     if broker_kind == "amqtt":
         env["EDGEFLEET_SHARE_GROUP"] = ""  # amqtt has no shared subscriptions (one edge only)
         env["EDGEFLEET_PROCESSES"] = "1"  # nor, for the same reason, several processes per edge
+    elif (os.cpu_count() or 1) > MAX_EDGE_WORKERS:
+        # An edge with credentials has connection names for this many worker processes at most.
+        env["EDGEFLEET_PROCESSES"] = str(MAX_EDGE_WORKERS)
     return env | {
         "EDGEFLEET_METRICS__PUBLISH_INTERVAL_S": str(options.metrics_interval_s),
         # Labelled drifted windows are what retraining learns from: send a share of ordinary
@@ -369,6 +557,11 @@ def start_edges(topo: Topology) -> None:
     base = edgefleet_argv()
     public_key = (topo.cloud_dir / "keys" / "signing.pub").resolve()
     for edge_id in topo.edge_ids:
+        bundle = topo.enrollment_file(edge_id)
+        # Enrolled: its site and cloud links log in as EDGE/site, EDGE/cloud, ... and the cloud's
+        # public key comes from its bundle (as in compose); on amqtt: anonymous, the key file.
+        identity = {"EDGEFLEET_ENROLLMENT_FILE": str(bundle)} if bundle else {}
+        key = [] if bundle else ["--public-key", str(public_key)]
         topo.supervisor.start(
             edge_id,
             [
@@ -385,12 +578,11 @@ def start_edges(topo: Topology) -> None:
                 str((topo.data_dir / "edges" / edge_id).resolve()),
                 "--rules",
                 str(config_dir() / "rules.yaml"),
-                "--public-key",
-                str(public_key),
+                *key,
                 "--metrics-port",
                 "0",
             ],
-            env=edge_env(topo.options, topo.broker_kind) | edge_cloud_env(topo),
+            env=edge_env(topo.options, topo.broker_kind) | edge_cloud_env(topo) | identity,
         )
 
 
@@ -400,6 +592,9 @@ def start_devices(topo: Topology) -> None:
     base = edgefleet_argv()
     data_dir = topo.devices_dir.resolve()
     env = {"EDGEFLEET_HEARTBEAT_INTERVAL_S": "2"}
+    if topo.broker_kind == "amqtt":
+        # amqtt speaks MQTT 3.1.1 only: no MQTT 5 "no matching subscribers" to hold windows on.
+        env["EDGEFLEET_HOLD_UNROUTED"] = "false"
     if topo.options.devices_in_one_process:
         topo.supervisor.start(
             "devices",
@@ -417,6 +612,7 @@ def start_devices(topo: Topology) -> None:
                 str(len(topo.device_ids)),
                 "--seed",
                 str(topo.options.seed),
+                *(["--identities-dir", str(topo.identities_dir.resolve())] if topo.per_identity else []),
             ],
             env=env,
         )
@@ -440,7 +636,9 @@ def start_devices(topo: Topology) -> None:
         fault = topo.device_fault(index)
         if fault != "normal":
             argv += ["-o", f"fault={fault}"]
-        topo.supervisor.start(device_id, argv, env=env)
+        bundle = topo.enrollment_file(device_id)
+        identity = {"EDGEFLEET_ENROLLMENT_FILE": str(bundle)} if bundle else {}
+        topo.supervisor.start(device_id, argv, env=env | identity)
 
 
 def device_ids(count: int) -> list[str]:

@@ -35,11 +35,11 @@ from cloud.demo.monitor import Monitor
 from cloud.demo.runner import SCENARIO_NAMES, Demo, _production
 from cloud.demo.supervisor import Child
 from cloud.errors import SupervisorError
-from cloud.fleet.desired_state import publish_desired, publish_desired_state, sign
+from cloud.fleet.desired_state import publish_desired, publish_desired_state, sign, signed_order
 from edge_node.models import fetch_artifact
 from shared.codec import encode_window
 from shared.mqtt import MqttLink
-from shared.schemas import DesiredState, ModelManifest
+from shared.schemas import ModelManifest
 
 logger = logging.getLogger(__name__)
 
@@ -222,8 +222,9 @@ class BrokerRestart(Scenario):
     name = "broker-restart"
     fault_s = 5.0
     what = (
-        "stops the MQTT broker (SIGTERM: mosquitto writes its persistence file), keeps it down, then "
-        "starts it again on the same port with the same config and persistence directory"
+        "stops the MQTT broker (SIGTERM to edgefleet broker run, which stops mosquitto: it writes its "
+        "persistence file), keeps it down, then starts it again on the same ports with the same data "
+        "directory (persistence, users and ACLs regenerated from the registry)"
     )
 
     def __init__(self, demo: ScenarioDemo) -> None:
@@ -234,16 +235,17 @@ class BrokerRestart(Scenario):
         if self.topo.broker_kind != "mosquitto":
             raise SupervisorError("broker-restart needs mosquitto (the amqtt broker keeps no sessions)")
         assert self.demo.sup is not None
-        self.child = self.demo.sup.kill("mosquitto", signal.SIGTERM)
+        self.child = self.demo.sup.kill(rt.BROKER_CHILD, signal.SIGTERM)
         self.details["broker_exit_code"] = self.child.proc.returncode
+        # broker run stops its mosquitto on SIGTERM; had it been killed, mosquitto would hold the ports.
+        self.details["mosquitto_left_behind"] = len(rt.reap_broker_leftovers(self.topo.data_dir))
 
     def heal(self) -> None:
         assert self.demo.sup is not None
         assert self.child is not None
+        assert self.demo.broker_plan is not None
         child = self.demo.sup.restart(self.child)
-        port = urlparse(self.topo.broker_url).port
-        assert port is not None
-        self.demo.sup.wait_port(child, port)
+        rt.wait_broker(self.topo, child, self.demo.broker_plan)
 
 
 class EdgeKill(Scenario):
@@ -490,7 +492,7 @@ class BadModel(Scenario):
         with session_scope(settings.resolved_database_url) as session:
             for edge_id in self.topo.edge_ids:
                 revision = crud.next_desired_revision(session, edge_id=edge_id)
-                desired = DesiredState(edge_id=edge_id, revision=revision, model=manifest)
+                desired = signed_order(settings, edge_id=edge_id, revision=revision, model=manifest)
                 # Recorded like any desired state (no model version: it is not a registry model), so
                 # the next real deployment gets a higher revision.
                 crud.record_desired(

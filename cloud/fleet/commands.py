@@ -120,10 +120,13 @@ def send_commands(
             f"unknown command {name!r}: one of {[c.value for c in CommandName]}"
         ) from exc
     topics = settings.broker.topics
-    commands = [
-        Command.create(device_id=d, name=command_name, args=args or {}, ttl_s=ttl_s, sender=sender)
-        for d in device_ids
-    ]
+    try:
+        commands = [
+            Command.create(device_id=d, name=command_name, args=args or {}, ttl_s=ttl_s, sender=sender)
+            for d in device_ids
+        ]
+    except SchemaError as exc:  # an argument over its bound: the caller's mistake, not a server error
+        raise CommandRequestError(str(exc)) from exc
     outcomes = {
         c.command_id: CommandOutcome(device_id=c.device_id, command_id=c.command_id) for c in commands
     }

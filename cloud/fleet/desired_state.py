@@ -1,17 +1,24 @@
-"""Signing and desired state: the cloud's key pair, manifests signed with it, and desired-state orders
-published to edges (retained, QoS1, on the edge's ``desired`` topic) with their revisions recorded."""
+"""Signing and desired state: the cloud's key ring (``cloud/fleet/keyring.py``), manifests signed with
+its current key, and desired-state orders, signed as a whole (``signed_order``: the one place orders
+are made), published to edges (retained, QoS1, on the edge's ``desired`` topic) with their revisions
+recorded."""
 
 from __future__ import annotations
 
 import logging
 import os
+import time
 from pathlib import Path
+from typing import Any
+
+from pydantic import JsonValue
 
 from cloud.errors import PublishError
+from cloud.fleet.keyring import CloudKeyRing, ensure_pair, publish_if_needed
 from shared.mqtt import MqttLink
 from shared.schemas import DesiredAction, DesiredState, ModelManifest, encode_message
 from shared.settings.cloud import CloudSettings
-from shared.signing import generate_keypair, key_id, load_private_key, sign_manifest
+from shared.signing import sign_desired, sign_manifest
 from shared.topics import EdgeTopic, Topics
 
 logger = logging.getLogger(__name__)
@@ -20,22 +27,58 @@ PUBACK_TIMEOUT_S = 10.0
 
 
 def ensure_keys(settings: CloudSettings) -> tuple[Path, Path]:
-    """The configured key pair; in dev mode a missing pair is generated under ``data_dir``."""
-    private, public = settings.key_paths()
-    if not private.exists():
-        if not settings.dev_mode:
-            raise PublishError(
-                f"signing key {private} does not exist: create one with 'edgefleet cloud keygen'"
-            )
-        generate_keypair(private, public)
-        logger.warning("dev mode: generated a signing key pair at %s", private.parent)
-    return private, public
+    """The configured key pair (the root of the edges' key rings); in dev mode a missing pair is
+    generated under ``data_dir``."""
+    return ensure_pair(settings)
 
 
 def sign(manifest: ModelManifest, settings: CloudSettings) -> ModelManifest:
-    """Sign ``manifest`` with the cloud's private key (made in dev mode if missing), naming the key by id."""
-    private, public = ensure_keys(settings)
-    return sign_manifest(manifest, load_private_key(private), key_id=key_id(public.read_bytes()))
+    """Sign ``manifest`` with the ring's current key (made in dev mode if missing), naming the key by id."""
+    private_key, kid = CloudKeyRing(settings).signer()
+    return sign_manifest(manifest, private_key, key_id=kid)
+
+
+def signed_order(
+    settings: CloudSettings,
+    *,
+    edge_id: str,
+    revision: int,
+    action: DesiredAction = DesiredAction.DEPLOY,
+    model: ModelManifest | None = None,
+    rollback_to: str | None = None,
+    rollout_id: str | None = None,
+    config: dict[str, JsonValue] | None = None,
+) -> DesiredState:
+    """A desired-state order signed by the ring's current key, valid for ``settings.desired_ttl_s``.
+
+    A ``rollback`` names the version it goes back to: ``rollback_to``, or its model's version."""
+    if action is DesiredAction.ROLLBACK:
+        rollback_to = rollback_to or (model.version if model is not None else None)
+        if rollback_to is None:
+            raise PublishError(f"a rollback order for {edge_id} must name the version it goes back to")
+    issued = time.time()
+    extra: dict[str, Any] = {"config": config} if config else {}
+    desired = DesiredState(
+        edge_id=edge_id,
+        revision=revision,
+        action=action,
+        model=model,
+        rollout_id=rollout_id,
+        rollback_to=rollback_to if action is DesiredAction.ROLLBACK else None,
+        issued_at=issued,
+        expires_at=issued + settings.desired_ttl_s,
+        **extra,
+    )
+    private_key, kid = CloudKeyRing(settings).signer()
+    return sign_desired(desired, private_key, key_id=kid)
+
+
+def order_action(current: ModelManifest | None, target: ModelManifest) -> DesiredAction:
+    """``deploy`` unless ``target`` is older than what the edge runs (``current``, by the manifests'
+    signed ``created_at``): edges install an older model only on an explicit rollback naming it."""
+    if current is not None and current.sha256 != target.sha256 and target.created_at < current.created_at:
+        return DesiredAction.ROLLBACK
+    return DesiredAction.DEPLOY
 
 
 # -- desired state -----------------------------------------------------------------------------
@@ -45,6 +88,8 @@ def publish_desired(
     *, link: MqttLink, topics: Topics, desired: DesiredState, timeout: float = PUBACK_TIMEOUT_S
 ) -> None:
     """Publish ``desired`` retained at QoS1 on the edge's desired topic and wait for the PUBACK."""
+    if desired.signature is None:
+        raise PublishError(f"refusing to publish an unsigned desired state to {desired.edge_id}")
     topic = topics.edge(desired.edge_id, EdgeTopic.DESIRED)
     if link.publish(topic, encode_message(desired), qos=1, retain=True).wait(timeout):
         return
@@ -81,8 +126,17 @@ def publish_desired_state(
         targets: dict[str, int] = {}
         for edge_id in edge_ids:
             revision = crud.next_desired_revision(session, edge_id=edge_id)
-            desired = DesiredState(
-                edge_id=edge_id, revision=revision, action=action, model=manifest, rollout_id=rollout_id
+            if action is DesiredAction.DEPLOY:
+                action_for_edge = order_action(running_manifest(session, edge_id=edge_id), manifest)
+            else:
+                action_for_edge = action
+            desired = signed_order(
+                settings,
+                edge_id=edge_id,
+                revision=revision,
+                action=action_for_edge,
+                model=manifest,
+                rollout_id=rollout_id,
             )
             crud.record_desired(
                 session,
@@ -102,6 +156,7 @@ def publish_desired_state(
     if own_link:
         active.connect()
     try:
+        publish_if_needed(settings, active)
         for desired in messages:
             publish_desired(link=active, topics=settings.broker.topics, desired=desired)
             logger.info(
@@ -111,3 +166,24 @@ def publish_desired_state(
         if own_link:
             active.stop()
     return messages
+
+
+def running_manifest(session: Any, *, edge_id: str) -> ModelManifest | None:
+    """The signed manifest of the model ``edge_id`` reports it runs, if the registry has it."""
+    from cloud.registry import fleet  # noqa: PLC0415  (SQLAlchemy: signing alone needs no registry)
+
+    edge = fleet.get_edge(session, edge_id=edge_id)
+    reported = (edge.reported or {}) if edge is not None else {}
+    name, version = reported.get("model_name"), reported.get("model_version")
+    if not (name and version):
+        return None
+    from sqlalchemy import select  # noqa: PLC0415  (SQLAlchemy: signing alone needs no registry)
+
+    from cloud.registry.models import ModelVersion  # noqa: PLC0415  (SQLAlchemy: signing alone needs no registry)
+
+    model = session.scalar(
+        select(ModelVersion).where(ModelVersion.name == name, ModelVersion.version == version)
+    )
+    if model is None or model.manifest is None:
+        return None
+    return ModelManifest.model_validate(model.manifest)

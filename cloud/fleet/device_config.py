@@ -24,7 +24,7 @@ from cloud.registry import crud, fleet
 from cloud.registry.db import session_scope
 from shared.errors import MqttError
 from shared.mqtt import MqttLink
-from shared.schemas import DeviceDesired, encode_message
+from shared.schemas import DeviceDesired, SetConfigArgs, bound_errors, encode_message
 from shared.settings.agent import RUNTIME_SETTINGS
 from shared.settings.cloud import CloudSettings
 from shared.topics import validate_id
@@ -39,8 +39,9 @@ REPUBLISH_STALE_S = float(os.environ.get("EDGEFLEET_DEVICE_CONFIG_STALE_S", "60.
 
 
 def validate_config(changes: dict[str, JsonValue], unset: Sequence[str] = ()) -> None:
-    """Only settings a running agent may change (``shared.settings.agent.RUNTIME_SETTINGS``); the
-    device validates the values and reports a refusal as ``config_error``."""
+    """Only settings a running agent may change (``shared.settings.agent.RUNTIME_SETTINGS``), within
+    their upper bounds (``shared.schemas.SetConfigArgs``: the device refuses beyond them too); the
+    device validates the rest of the values and reports a refusal as ``config_error``."""
     keys = set(changes) | set(unset)
     wrong = sorted(keys - RUNTIME_SETTINGS)
     if wrong:
@@ -51,6 +52,9 @@ def validate_config(changes: dict[str, JsonValue], unset: Sequence[str] = ()) ->
     sensor = changes.get("sensor")
     if sensor is not None and not (isinstance(sensor, dict) and set(sensor) <= {"options"}):
         raise DeviceConfigError("sensor: only {'options': {...}} can be set")
+    beyond = bound_errors(SetConfigArgs, changes, where="config")
+    if beyond:
+        raise DeviceConfigError(f"setting(s) beyond their limits: {'; '.join(beyond)}")
 
 
 def publish_device_desired(*, link: MqttLink, settings: CloudSettings, desired: DeviceDesired) -> None:

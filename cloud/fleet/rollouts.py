@@ -18,7 +18,8 @@ from sqlalchemy.orm import Session
 
 from cloud.errors import PublishError, RolloutError
 from cloud.fleet import wave_gates as gatelib
-from cloud.fleet.desired_state import publish_desired
+from cloud.fleet.desired_state import order_action, publish_desired, running_manifest, signed_order
+from cloud.fleet.keyring import publish_if_needed
 from cloud.registry import crud, fleet
 from cloud.registry.db import has_changes, session_scope
 from cloud.registry.models import ModelVersion, Rollout, RolloutTarget
@@ -44,15 +45,20 @@ class Publisher:
         self.settings = settings
         self._link = link
         self._own = link is None
+        self._ring_checked = False
 
     def send(self, desired: DesiredState) -> None:
-        """Publish one desired state (retained, QoS1, PUBACK awaited), opening the link on first use."""
+        """Publish one desired state (retained, QoS1, PUBACK awaited), opening the link on first use.
+        The key ring goes first if the broker has not acknowledged its latest announcement."""
         if self._link is None:
             self._link = MqttLink(
                 self.settings.broker,
                 client_id=f"edgefleet-rollouts-{os.getpid()}-{uuid.uuid4().hex[:6]}",
             )
             self._link.connect()
+        if not self._ring_checked:
+            publish_if_needed(self.settings, self._link)
+            self._ring_checked = True
         publish_desired(link=self._link, topics=self.settings.broker.topics, desired=desired)
 
     def close(self) -> None:
@@ -73,17 +79,29 @@ def _manifest(model: ModelVersion) -> ModelManifest:
 
 def _order(
     session: Session,
+    settings: CloudSettings,
     *,
     edge_id: str,
     action: DesiredAction,
     model: ModelVersion | None,
     rollout_id: str | None,
+    rollback_to: str | None = None,
 ) -> DesiredState:
-    """Allocate the edge's next revision, record it (desired state and deployment target)."""
+    """Allocate the edge's next revision, sign the order and record it (desired state and deployment
+    target). A deploy of a model older than the one the edge reports becomes an explicit rollback
+    naming that version (edges refuse a plain deploy of an older model)."""
     revision = crud.next_desired_revision(session, edge_id=edge_id)
     manifest = _manifest(model) if model is not None else None
-    desired = DesiredState(
-        edge_id=edge_id, revision=revision, action=action, model=manifest, rollout_id=rollout_id
+    if action is DesiredAction.DEPLOY and manifest is not None:
+        action = order_action(running_manifest(session, edge_id=edge_id), manifest)
+    desired = signed_order(
+        settings,
+        edge_id=edge_id,
+        revision=revision,
+        action=action,
+        model=manifest,
+        rollback_to=rollback_to,
+        rollout_id=rollout_id,
     )
     crud.record_desired(
         session,
@@ -215,13 +233,14 @@ def tick(
 
 def _tick_one(url: str, rollout_id: str, publisher: Publisher) -> dict[str, Any]:
     outbox: list[DesiredState] = []
+    settings = publisher.settings
     with session_scope(url) as session:
         rollout = fleet.get_rollout(session, rollout_id=rollout_id)
         now = time.time()
-        _collect_progress(session, rollout, now, outbox)
+        _collect_progress(session, settings, rollout, now, outbox)
         if rollout.state == "running":
-            _advance(session, rollout, now, outbox)
-        _start_rollbacks(session, rollout, now, outbox)
+            _advance(session, settings, rollout, now, outbox)
+        _start_rollbacks(session, settings, rollout, now, outbox)
         if has_changes(session):
             rollout.updated_at = now
         summary = describe(rollout)
@@ -235,7 +254,16 @@ def _tick_one(url: str, rollout_id: str, publisher: Publisher) -> dict[str, Any]
     return summary
 
 
-def _collect_progress(session: Session, rollout: Rollout, now: float, outbox: list[DesiredState]) -> None:
+# Final stages of an edge's DeploymentProgress: done (the order carried out), or not. ``refused`` is
+# an order the edge did not accept at all (signature, key, expiry, revision, downgrade): it never
+# counts as handled, it fails the target.
+DONE_STAGES = ("swapped", "rolled_back")
+FAILED_STAGES = ("failed", "refused")
+
+
+def _collect_progress(
+    session: Session, settings: CloudSettings, rollout: Rollout, now: float, outbox: list[DesiredState]
+) -> None:
     """Move each published target to serving / failed / rolled_back / deferred from what edges reported."""
     version = rollout.model.version
     for target in rollout.targets:
@@ -246,13 +274,16 @@ def _collect_progress(session: Session, rollout: Rollout, now: float, outbox: li
         seen_revision = reported.get("desired_revision")
         progress = fleet.deployment_target(session, edge_id=target.edge_id, revision=target.revision)
         handled = seen_revision is not None and seen_revision >= target.revision
+        refused = progress is not None and progress.stage == "refused"
+        if refused:
+            handled = False  # a refused order is not handled, whatever revision the edge reports
         if target.state in ("deploying", "deferred"):
-            if (progress is not None and progress.stage == "swapped" and progress.ok) or (
+            if (progress is not None and progress.stage in DONE_STAGES and progress.ok) or (
                 handled and reported.get("model_version") == version and reported.get("last_deploy_ok")
             ):
                 target.state, target.serving_at = "serving", now
                 continue
-            if (progress is not None and progress.stage == "failed") or (
+            if (progress is not None and progress.stage in FAILED_STAGES) or (
                 handled and reported.get("last_deploy_ok") is False
             ):
                 target.state = "failed"
@@ -270,29 +301,85 @@ def _collect_progress(session: Session, rollout: Rollout, now: float, outbox: li
             ):
                 target.state = "rolled_back"
                 continue
-            if handled and reported.get("last_deploy_ok") is False:
+            if (progress is not None and progress.stage in FAILED_STAGES) or (
+                handled and reported.get("last_deploy_ok") is False
+            ):
                 target.state = "rollback_failed"
-                target.reason = reported.get("last_deploy_reason")
+                target.reason = (progress.reason if progress is not None else None) or reported.get(
+                    "last_deploy_reason"
+                )
                 continue
-        if (
-            target.state in ("deploying", "rolling_back")
-            and target.published_at is not None
-            and now - target.published_at >= REPUBLISH_S
-            and not handled
-        ):
+        if target.state in ("deploying", "rolling_back", "deferred") and not handled:
             current = _current_desired(session, edge_id=target.edge_id)
-            if current is not None and current.revision == target.revision:
+            if current is None or current.revision != target.revision:
+                continue
+            if _needs_reissue(settings, current, now):
+                # Unsigned (recorded before orders were signed) or about to expire: an edge would
+                # refuse it, so the target gets a fresh order (next revision) of the same content.
+                desired = _reissue(session, settings, current)
+                target.revision, target.published_at = desired.revision, now
+                outbox.append(desired)
+            elif (
+                target.state != "deferred"
+                and target.published_at is not None
+                and now - target.published_at >= REPUBLISH_S
+            ):
                 outbox.append(current)
                 target.published_at = now
 
 
+def _needs_reissue(settings: CloudSettings, current: DesiredState, now: float) -> bool:
+    if current.signature is None or current.expires_at is None:
+        return True
+    return current.expires_at - now < settings.desired_ttl_s / 4
+
+
+def _reissue(session: Session, settings: CloudSettings, current: DesiredState) -> DesiredState:
+    """A new signed order (next revision) with the content of ``current``, recorded like the first."""
+    row = fleet.current_desired(session, edge_id=current.edge_id)
+    model_id = row.model_version_id if row is not None else None
+    revision = crud.next_desired_revision(session, edge_id=current.edge_id)
+    desired = signed_order(
+        settings,
+        edge_id=current.edge_id,
+        revision=revision,
+        action=current.action,
+        model=current.model,
+        rollback_to=current.rollback_to,
+        rollout_id=current.rollout_id,
+    )
+    crud.record_desired(
+        session,
+        edge_id=current.edge_id,
+        revision=revision,
+        model_version_id=model_id,
+        payload=desired.model_dump(mode="json"),
+    )
+    if model_id is not None:
+        crud.create_deployment(
+            session,
+            model_version_id=model_id,
+            targets={current.edge_id: revision},
+            rollout_id=current.rollout_id,
+        )
+    logger.info("desired state of %s re-issued as r%d (was r%d)", current.edge_id, revision, current.revision)
+    return desired
+
+
 def _publish_wave(
-    session: Session, rollout: Rollout, wave: int, now: float, outbox: list[DesiredState]
+    session: Session,
+    settings: CloudSettings,
+    rollout: Rollout,
+    wave: int,
+    *,
+    now: float,
+    outbox: list[DesiredState],
 ) -> None:
     for target in rollout.targets:
         if target.wave == wave and target.state == "pending":
             desired = _order(
                 session,
+                settings,
                 edge_id=target.edge_id,
                 action=DesiredAction.DEPLOY,
                 model=rollout.model,
@@ -303,12 +390,14 @@ def _publish_wave(
     rollout.wave_started_at = now
 
 
-def _advance(session: Session, rollout: Rollout, now: float, outbox: list[DesiredState]) -> None:
+def _advance(
+    session: Session, settings: CloudSettings, rollout: Rollout, now: float, outbox: list[DesiredState]
+) -> None:
     while rollout.state == "running":
         wave = rollout.current_wave
         members = [t for t in rollout.targets if t.wave == wave]
         if any(t.state == "pending" for t in members):
-            _publish_wave(session, rollout, wave, now, outbox)
+            _publish_wave(session, settings, rollout, wave, now=now, outbox=outbox)
             return  # nothing reported yet for a wave just published
         verdict = evaluate_wave(session, rollout, members, now)
         previous = (rollout.gate_results or {}).get(str(wave)) or {}
@@ -355,9 +444,10 @@ def evaluate_wave(
     min_windows = int(params.get("min_windows", DEFAULT_PARAMS["min_windows"]))
     soak_s = float(params.get("soak_s", DEFAULT_PARAMS["soak_s"]))
     failed = [t.edge_id for t in members if t.state == "failed"]
+    refused = [t.edge_id for t in members if t.state == "failed" and (t.reason or "").startswith("refused")]
     serving = [t for t in members if t.state == "serving"]
     waiting = [t for t in members if t.state == "deploying"]
-    results = [gatelib.deploy_gate(failed, threshold["deploy_failures"])]
+    results = [gatelib.deploy_gate(failed, threshold["deploy_failures"], refused)]
     if failed and results[0].passed is False:
         return gatelib.WaveVerdict("breach", results)
     if waiting or not serving:
@@ -445,10 +535,13 @@ def _withdraw_if_pipeline(session: Session, rollout: Rollout, reason: str, actor
         crud.withdraw(session, model_id=rollout.model_version_id, reason=reason, actor=actor)
 
 
-def _start_rollbacks(session: Session, rollout: Rollout, now: float, outbox: list[DesiredState]) -> None:
-    """Targets marked rollback_pending get their last-good back: the previous model when the registry
-    knows it (a deploy order of that manifest; a no-op on an edge still serving it), else a rollback
-    order (the edge restores the last-good model it keeps on disk)."""
+def _start_rollbacks(
+    session: Session, settings: CloudSettings, rollout: Rollout, now: float, outbox: list[DesiredState]
+) -> None:
+    """Targets marked rollback_pending get their previous model back by a signed rollback order naming
+    it: with its manifest when the registry knows it (a no-op on an edge still serving it), else by
+    version alone (the edge restores the last-good model it keeps on disk if that is the one named).
+    A target whose previous version nobody knows cannot be rolled back: rollback_failed."""
     for target in rollout.targets:
         if target.state != "rollback_pending":
             continue
@@ -456,19 +549,26 @@ def _start_rollbacks(session: Session, rollout: Rollout, now: float, outbox: lis
         if previous is not None and previous.manifest is not None and previous.signature is not None:
             desired = _order(
                 session,
+                settings,
                 edge_id=target.edge_id,
-                action=DesiredAction.DEPLOY,
+                action=DesiredAction.ROLLBACK,
                 model=previous,
                 rollout_id=rollout.rollout_id,
             )
-        else:
+        elif target.previous_version is not None:
             desired = _order(
                 session,
+                settings,
                 edge_id=target.edge_id,
                 action=DesiredAction.ROLLBACK,
                 model=None,
                 rollout_id=rollout.rollout_id,
+                rollback_to=target.previous_version,
             )
+        else:
+            target.state = "rollback_failed"
+            target.reason = f"{rollout.reason}; no previous version known to roll back to"
+            continue
         target.revision, target.state, target.published_at = desired.revision, "rolling_back", now
         target.reason = rollout.reason
         outbox.append(desired)
@@ -485,14 +585,31 @@ def rollback_edges(
     actor: str = "cli",
     link: MqttLink | None = None,
 ) -> list[DesiredState]:
-    """``edgefleet model rollback``: deploy ``to_ref`` to the edges, or (None) order them back to the
-    last-good model each keeps."""
+    """``edgefleet model rollback``: a signed rollback order naming ``to_ref`` to the edges, or (None)
+    naming the last-good version each edge reports (``RolloutError`` if one reports none)."""
     sent = []
     with session_scope(settings.resolved_database_url) as session:
         model = crud.get_model_version(session, ref=to_ref) if to_ref else None
         for edge_id in edge_ids:
-            action = DesiredAction.DEPLOY if model is not None else DesiredAction.ROLLBACK
-            sent.append(_order(session, edge_id=edge_id, action=action, model=model, rollout_id=None))
+            last_good: str | None = None
+            if model is None:
+                edge = fleet.get_edge(session, edge_id=edge_id)
+                last_good = ((edge.reported or {}) if edge is not None else {}).get("last_good_version")
+                if last_good is None:
+                    raise RolloutError(
+                        f"edge {edge_id} reports no last-good model: name the version to go back to"
+                    )
+            sent.append(
+                _order(
+                    session,
+                    settings,
+                    edge_id=edge_id,
+                    action=DesiredAction.ROLLBACK,
+                    model=model,
+                    rollout_id=None,
+                    rollback_to=last_good,
+                )
+            )
         crud.audit(
             session,
             actor=actor,

@@ -84,10 +84,14 @@ def window_from_records(edge_id: str, records: Sequence[Mapping[str, Any]]) -> M
     )
 
 
-def deploy_gate(failed: Sequence[str], threshold: float) -> GateResult:
-    """Breach when more of the wave's edges failed to deploy than ``threshold`` allows."""
+def deploy_gate(failed: Sequence[str], threshold: float, refused: Sequence[str] = ()) -> GateResult:
+    """Breach when more of the wave's edges failed to deploy than ``threshold`` allows. ``refused``:
+    those of ``failed`` that refused the order itself (signature, key, expiry, revision, downgrade):
+    a refused order is a failure, never a deployment."""
     value = float(len(failed))
     detail = f"deployment failed on {', '.join(failed)}" if failed else "every edge of the wave deployed"
+    if refused:
+        detail += f" (order refused by {', '.join(refused)})"
     return GateResult("deploy_failures", value <= threshold, value, threshold, detail)
 
 

@@ -126,7 +126,8 @@ def _with_samples(settings: CloudSettings, dataset: Any, model_name: str) -> Any
 def _labelled_samples_dataset(
     settings: CloudSettings, model_name: str, *, class_names: list[str] | None = None
 ) -> Any:
-    """Uplinked samples labelled by the device, the teacher or a human."""
+    """Uplinked samples whose label may train: a teacher's, an operator's, or a trusted labeller
+    device's (``crud.training_samples_clause``). Other devices' labels only evaluate models."""
     with session_scope(settings.resolved_database_url) as session:
         if class_names is None:
             production = crud.production_model(session, name=model_name)
@@ -137,7 +138,9 @@ def _labelled_samples_dataset(
             class_names = list(production.manifest["class_names"])
         rows = [
             (s.window, s.label)
-            for s in crud.list_samples(session, labelled=True, limit=1_000_000, with_window=True)
+            for s in crud.list_samples(
+                session, labelled=True, training=True, limit=1_000_000, with_window=True
+            )
             if s.window is not None and s.label is not None
         ]
     return datasets.samples_dataset(rows, class_names=class_names, name=f"{model_name}-uplink")

@@ -8,7 +8,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from sqlalchemy import func, select
+from sqlalchemy import ColumnElement, and_, func, or_, select
 from sqlalchemy.orm import Session
 
 from cloud.errors import NotFoundError
@@ -25,6 +25,7 @@ from cloud.registry.models import (
     EdgeMetricsRecord,
     EdgeNode,
     Group,
+    Identity,
     LineageEvent,
     ModelVersion,
     PipelineRun,
@@ -350,49 +351,99 @@ def mark_processed(session: Session, *, message_key: str) -> None:
     session.add(ProcessedMessage(message_key=message_key))
 
 
+# Who may label data that trains models. A device's label is evaluation metadata unless the device is
+# a trusted labeller (``identities.set_label_trust``): see ``training_samples_clause``.
+TRAINING_LABEL_SOURCES = ("teacher", "human", "operator")
+
+
 def add_sample(session: Session, **fields: Any) -> Sample:
-    """Store one uplinked sample; ``fields`` are ``Sample`` columns."""
+    """Store one uplinked sample; ``fields`` are ``Sample`` columns. ``label_trusted`` defaults to
+    whether ``label_source`` is a teacher or an operator: a device label trains only when the caller
+    (the ingest) found its device a trusted labeller and says so."""
+    fields.setdefault(
+        "label_trusted",
+        fields.get("label") is not None and fields.get("label_source") in TRAINING_LABEL_SOURCES,
+    )
     sample = Sample(**fields)
     session.add(sample)
     return sample
 
 
-def count_samples(session: Session, *, labelled: bool | None = None, since: float | None = None) -> int:
-    """How many samples, all or only (un)labelled, optionally received after ``since``."""
+def training_samples_clause() -> ColumnElement[bool]:
+    """The samples whose label may train models: labelled by a teacher or an operator, or by a device
+    that was a trusted labeller when the sample arrived (``label_trusted``) and still is one (an active
+    device identity with ``label_trusted``): untrusting or revoking a device takes its labels out of
+    every later training set and retrain count, and trusting one does not bring in what it sent before."""
+    trusted_devices = select(Identity.identity_id).where(
+        Identity.kind == "device", Identity.status == "active", Identity.label_trusted.is_(True)
+    )
+    return and_(
+        Sample.label.is_not(None),
+        Sample.label_trusted.is_(True),
+        or_(
+            Sample.label_source.in_(TRAINING_LABEL_SOURCES),
+            and_(Sample.label_source == "device", Sample.device_id.in_(trusted_devices)),
+        ),
+    )
+
+
+def count_samples(
+    session: Session, *, labelled: bool | None = None, since: float | None = None, training: bool = False
+) -> int:
+    """How many samples, all or only (un)labelled, optionally received after ``since``; ``training``:
+    only those whose label may train models (``training_samples_clause``)."""
     query = select(func.count()).select_from(Sample)
     if labelled is True:
         query = query.where(Sample.label_source != "none")
     elif labelled is False:
         query = query.where(Sample.label_source == "none")
+    if training:
+        query = query.where(training_samples_clause())
     if since is not None:
         query = query.where(Sample.received_at > since)
     return int(session.scalar(query) or 0)
 
 
 def list_samples(
-    session: Session, *, labelled: bool | None = None, limit: int = 100, with_window: bool | None = None
+    session: Session,
+    *,
+    labelled: bool | None = None,
+    limit: int = 100,
+    with_window: bool | None = None,
+    training: bool = False,
 ) -> list[Sample]:
-    """Samples in arrival order, all or only (un)labelled, optionally only those with a window."""
+    """Samples in arrival order, all or only (un)labelled, optionally only those with a window;
+    ``training``: only those whose label may train models (``training_samples_clause``)."""
     query = select(Sample)
     if labelled is True:
         query = query.where(Sample.label_source != "none")
     elif labelled is False:
         query = query.where(Sample.label_source == "none")
+    if training:
+        query = query.where(training_samples_clause())
     if with_window:
         query = query.where(Sample.window.is_not(None))
     return list(session.scalars(query.order_by(Sample.id).limit(limit)))
 
 
 def set_label(
-    session: Session, *, sample_id: str, label: str, source: str = "human", confidence: float | None = None
+    session: Session,
+    *,
+    sample_id: str,
+    label: str,
+    source: str = "human",
+    confidence: float | None = None,
+    trusted: bool | None = None,
 ) -> Sample:
-    """Label a sample and say who labelled it (human, teacher, device)."""
+    """Label a sample and say who labelled it (human, teacher, device). ``trusted`` (whether the label
+    may train) defaults to whether ``source`` is a teacher or an operator."""
     sample = session.scalar(select(Sample).where(Sample.sample_id == sample_id))
     if sample is None:
         raise NotFoundError(f"sample {sample_id} does not exist")
     sample.label = label
     sample.label_source = source
     sample.label_confidence = confidence
+    sample.label_trusted = source in TRAINING_LABEL_SOURCES if trusted is None else trusted
     return sample
 
 

@@ -10,8 +10,9 @@ from pathlib import Path
 from typing import Any
 
 from sqlalchemy import Engine, create_engine, event
-from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, sessionmaker
+
+from shared.redact import redact_url
 
 logger = logging.getLogger(__name__)
 
@@ -134,7 +135,7 @@ def upgrade(url: str, revision: str = "head") -> None:
                 pass
         finally:
             engine.dispose()
-    logger.debug("registry at %s upgraded to %s", _safe(url), revision)
+    logger.debug("registry at %s upgraded to %s", redact_url(url), revision)
 
 
 def downgrade(url: str, revision: str = "base") -> None:
@@ -142,7 +143,3 @@ def downgrade(url: str, revision: str = "base") -> None:
     from alembic import command  # noqa: PLC0415  (Alembic: only migrations need it)
 
     command.downgrade(alembic_config(url), revision)
-
-
-def _safe(url: str) -> str:
-    return make_url(url).render_as_string(hide_password=True)

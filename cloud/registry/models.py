@@ -127,7 +127,9 @@ class Dataset(Base):
 
 
 class Sample(Base):
-    """One uplinked hard example. ``label_source``: device, teacher, human, or none (unlabelled)."""
+    """One uplinked hard example. ``label_source``: device, teacher, human, or none (unlabelled);
+    ``label_trusted``: whether the label may train (a device's trains only if the device is a trusted
+    labeller, then and now)."""
 
     __tablename__ = "samples"
 
@@ -148,6 +150,12 @@ class Sample(Base):
     label_source: Mapped[str] = mapped_column(String(16), default="none")
     label_confidence: Mapped[float | None] = mapped_column(Float)
     received_at: Mapped[float] = mapped_column(Float, default=_now)
+    label_trusted: Mapped[bool] = mapped_column(
+        Boolean,
+        default=False,
+        doc="the label may train models (migration 0007): a teacher's or an operator's, or a device's "
+        "that was a trusted labeller when the sample arrived; other device labels only evaluate",
+    )
 
     __table_args__ = (
         Index("ix_samples_label_source", "label_source"),
@@ -520,3 +528,54 @@ class ConsoleSigninLink(Base):
     created_at: Mapped[float] = mapped_column(Float, default=_now)
     expires_at: Mapped[float] = mapped_column(Float)
     used_at: Mapped[float | None] = mapped_column(Float)
+
+
+class Identity(Base):
+    """Who may connect to the broker (migration 0006): a device, an edge, a cloud service or an
+    operator, enrolled by ``fleet enroll`` or a claim token and ended by ``fleet revoke``.
+
+    Only the secret's hash is kept, in mosquitto's ``$7$`` format (shared/identity.py), which the broker's
+    password file takes as is. ``label_trusted``: a device whose labels may train models."""
+
+    __tablename__ = "identities"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    identity_id: Mapped[str] = mapped_column(String(64), unique=True)
+    kind: Mapped[str] = mapped_column(String(16), doc="device, edge, service or operator")
+    role: Mapped[str | None] = mapped_column(String(16), doc="operators: viewer or admin")
+    secret_hash: Mapped[str | None] = mapped_column(String(256))
+    status: Mapped[str] = mapped_column(String(16), default="active", doc="active or revoked")
+    label_trusted: Mapped[bool] = mapped_column(Boolean, default=False)
+    enrolled_via: Mapped[str] = mapped_column(String(64), default="cli", doc="cli or claim:TOKEN_ID")
+    created_at: Mapped[float] = mapped_column(Float, default=_now)
+    updated_at: Mapped[float] = mapped_column(Float, default=_now)
+    revoked_at: Mapped[float | None] = mapped_column(Float)
+
+    __table_args__ = (Index("ix_identities_kind_status", "kind", "status"),)
+
+
+class ClaimToken(Base):
+    """A one-time claim token (``fleet enroll-token create``): a device exchanges it on first start for
+    its own identity. ``secret_hash`` is a ``$7$`` hash: the broker lets the token log in (as
+    ``claim-TOKEN_ID``) only to ask for its identity, until it is used or expires."""
+
+    __tablename__ = "claim_tokens"
+
+    token_id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    kind: Mapped[str] = mapped_column(String(16), default="device")
+    secret_hash: Mapped[str] = mapped_column(String(256))
+    created_at: Mapped[float] = mapped_column(Float, default=_now)
+    expires_at: Mapped[float] = mapped_column(Float)
+    used_at: Mapped[float | None] = mapped_column(Float)
+    used_by: Mapped[str | None] = mapped_column(String(64))
+    created_by: Mapped[str] = mapped_column(String(128), default="cli")
+
+
+class RegistryCounter(Base):
+    """Monotonic counters others poll to see that something changed, e.g. ``auth``: bumped by every
+    change to identities or claim tokens, so ``broker run`` re-reads them only then."""
+
+    __tablename__ = "registry_counters"
+
+    name: Mapped[str] = mapped_column(String(32), primary_key=True)
+    value: Mapped[int] = mapped_column(BigInteger, default=0)

@@ -1,6 +1,7 @@
 """Retraining triggers, checked by Celery beat: periodic retraining, drift of the edges' uplinked
-accuracy or confidence past a threshold, and N new labelled samples. Each fired trigger is recorded
-with its reason and the run it started."""
+accuracy or confidence past a threshold, and N new labelled samples (only labels that may train:
+a teacher's, an operator's or a trusted labeller device's). Each fired trigger is recorded with its
+reason and the run it started."""
 
 from __future__ import annotations
 
@@ -112,12 +113,14 @@ def evaluate_triggers(
                     )
                 )
 
-    new_labels = crud.count_samples(session, labelled=True, since=since)
+    # Only labels that may train count (teachers', operators', trusted labeller devices'): an
+    # untrusted device cannot make the cloud retrain by sending labels.
+    new_labels = crud.count_samples(session, labelled=True, training=True, since=since)
     if new_labels >= thresholds.new_labelled_samples:
         firings.append(
             Firing(
                 "new_samples",
-                f"{new_labels} new labelled samples since {since:.0f} "
+                f"{new_labels} new labelled samples that may train since {since:.0f} "
                 f"(threshold {thresholds.new_labelled_samples})",
                 {"new_labelled": new_labels},
             )

@@ -2,7 +2,9 @@
 
 Passes (exit 0) when, within ``SMOKE_TIMEOUT_S``:
 
-0. the web console's sign-in page (``SMOKE_CONSOLE_URL``, when set) answers HTTP 200;
+0. the web console's sign-in page (``SMOKE_CONSOLE_URL``, when set) answers HTTP 200, and the API's
+   description (``SMOKE_DOCS_URL``, when set, e.g. /openapi.json) refuses a request without
+   credentials (HTTP 401);
 1. every expected edge reports online with a deployed model version (retained edge status), the
    first model having gone cloud -> desired state -> artifact download -> signature check -> swap;
 2. at least ``SMOKE_DEVICES`` devices are online and their telemetry windows flow;
@@ -13,9 +15,11 @@ Passes (exit 0) when, within ``SMOKE_TIMEOUT_S``:
    deploy/config/rules.yaml) and send that device an ``actuate`` command, which the device acks.
 
 Otherwise it exits 1 naming what did not happen. Topics and messages come from ``shared.topics``
-and ``shared.schemas`` only. Environment: SMOKE_BROKER (mqtt://mosquitto:1883), SMOKE_USERNAME,
-SMOKE_PASSWORD, SMOKE_EDGES ("edge-1 edge-2"), SMOKE_DEVICES (1), SMOKE_RULE, SMOKE_TIMEOUT_S (600),
-SMOKE_CONSOLE_URL (e.g. http://cloud-api:8080/signin; unset: not checked).
+and ``shared.schemas`` only. Environment: SMOKE_BROKER (mqtt://mosquitto:1883), SMOKE_ENROLLMENT_FILE
+(an operator's enrollment bundle: its username and password log in; else SMOKE_USERNAME and
+SMOKE_PASSWORD), SMOKE_EDGES ("edge-1 edge-2"), SMOKE_DEVICES (1), SMOKE_RULE, SMOKE_TIMEOUT_S (600),
+SMOKE_CONSOLE_URL (e.g. http://cloud-api:8080/signin; unset: not checked), SMOKE_DOCS_URL (unset: not
+checked).
 """
 
 from __future__ import annotations
@@ -30,9 +34,11 @@ import urllib.error
 import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from pydantic import JsonValue, SecretStr
 
+from shared.enrollment import load_bundle
 from shared.errors import EdgefleetError
 from shared.mqtt import MqttLink, Received
 from shared.schemas import (
@@ -88,10 +94,13 @@ class Smoke:
         devices: int,
         rule: str,
         console_url: str | None = None,
+        docs_url: str | None = None,
     ) -> None:
         self.topics: Topics = settings.topics
         self.console_url = console_url
         self.console_status: int | None = None
+        self.docs_url = docs_url
+        self.docs_status: int | None = None
         self.edges = edges
         self.min_devices = devices
         self.rule = rule
@@ -186,6 +195,21 @@ class Smoke:
             return False
         return self.console_status == 200
 
+    def docs_need_credentials(self) -> bool:
+        """Whether the API's description refuses an anonymous request (401); a 200 fails at once."""
+        assert self.docs_url is not None
+        try:
+            with urllib.request.urlopen(self.docs_url, timeout=5) as answer:  # noqa: S310 - URL from the compose file
+                self.docs_status = answer.status
+        except urllib.error.HTTPError as exc:
+            self.docs_status = exc.code
+        except (urllib.error.URLError, OSError) as exc:
+            logger.debug("API not answering yet: %s", exc)
+            return False
+        if self.docs_status == 200:
+            raise SmokeError(f"{self.docs_url} answered 200 without credentials: it must need a viewer")
+        return self.docs_status == 401
+
     def models_on_edges(self) -> bool:
         """Stage 1: every expected edge is online and reports a model version."""
         return all(edge in self.seen.edge_online and self.seen.edge_versions.get(edge) for edge in self.edges)
@@ -231,6 +255,12 @@ class Smoke:
         if self.console_url:
             self.wait_for(
                 f"the console's sign-in page {self.console_url} (HTTP 200)", self.console_answers, deadline
+            )
+        if self.docs_url:
+            self.wait_for(
+                f"the API description {self.docs_url} to refuse anonymous requests (HTTP 401)",
+                self.docs_need_credentials,
+                deadline,
             )
         self.wait_for(
             f"a model version on every edge ({', '.join(self.edges)})", self.models_on_edges, deadline
@@ -281,6 +311,7 @@ class Smoke:
             },
             "bad_messages": self.seen.bad_messages,
             "console": {"url": self.console_url, "status": self.console_status} if self.console_url else None,
+            "docs": {"url": self.docs_url, "anonymous_status": self.docs_status} if self.docs_url else None,
         }
 
     def summary(self) -> str:
@@ -312,10 +343,18 @@ def main() -> int:
     """Entry point of the ``smoke`` service: settings from the environment; exit 0 if it passes, else 1."""
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     env = os.environ
+    username, password = env.get("SMOKE_USERNAME", "ops"), env.get("SMOKE_PASSWORD")
+    if env.get("SMOKE_ENROLLMENT_FILE"):
+        try:
+            bundle = load_bundle(Path(env["SMOKE_ENROLLMENT_FILE"]))
+        except EdgefleetError as exc:
+            print(f"SMOKE FAILED: {exc}", flush=True)
+            return 1
+        username, password = bundle.username, bundle.password
     settings = MqttSettings(
         url=env.get("SMOKE_BROKER", "mqtt://mosquitto:1883"),
-        username=env.get("SMOKE_USERNAME", "ops"),
-        password=SecretStr(env["SMOKE_PASSWORD"]) if env.get("SMOKE_PASSWORD") else None,
+        username=username,
+        password=SecretStr(password) if password else None,
         reconnect_max_s=2.0,
     )
     smoke = Smoke(
@@ -324,6 +363,7 @@ def main() -> int:
         devices=int(env.get("SMOKE_DEVICES", "1")),
         rule=env.get("SMOKE_RULE", "stop_on_bearing_fault"),
         console_url=env.get("SMOKE_CONSOLE_URL") or None,
+        docs_url=env.get("SMOKE_DOCS_URL") or None,
     )
     timeout = float(env.get("SMOKE_TIMEOUT_S", "600"))
     try:

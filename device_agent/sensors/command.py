@@ -32,11 +32,15 @@ STOP_GRACE_S: Final = 2.0
 class CommandOptions(SensorOptions):
     """Options of the ``command`` sensor: the program to run and how to read its output."""
 
-    argv: list[str] = Field(min_length=1, description="program and arguments (no shell)")
+    argv: list[str] = Field(min_length=1, max_length=256, description="program and arguments (no shell)")
     channels: int | list[str] = Field(default=3, description="number of channels or their names")
-    timeout_s: float = Field(default=5.0, gt=0, description="restart the program after this long silent")
-    restart_delay_s: float = Field(default=1.0, ge=0)
-    max_buffer: int = Field(default=100_000, ge=1, description="samples kept between reads; oldest dropped")
+    timeout_s: float = Field(
+        default=5.0, gt=0, le=86_400, description="restart the program after this long silent"
+    )
+    restart_delay_s: float = Field(default=1.0, ge=0, le=3600)
+    max_buffer: int = Field(
+        default=100_000, ge=1, le=10_000_000, description="samples kept between reads; oldest dropped"
+    )
 
     @field_validator("channels")
     @classmethod

@@ -24,7 +24,9 @@ class SimulatedOptions(SensorOptions):
     gain: float = Field(default=1.0, gt=0, le=1000, description="sensor sensitivity multiplier")
     noise: float = Field(default=DEFAULT_NOISE, ge=0, le=10, description="white noise, g (1 sigma)")
     drift: float = Field(default=0.0, ge=0, le=1, description="machine/mounting change, 0 = as trained")
-    seed: int | None = Field(default=None, description="random seed (None: different every run)")
+    seed: int | None = Field(
+        default=None, ge=-(2**63), le=2**63 - 1, description="random seed (None: different every run)"
+    )
     bearing_defect: Literal["outer", "inner"] = "outer"
     fault: Literal["imbalance", "misalignment", "bearing_fault"] | None = Field(
         default=None, description="fault present from the start"

@@ -8,6 +8,7 @@ from typing import Any, Final, Literal, Self
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from shared.codec import MAX_SAMPLES
+from shared.enrollment import identity_in_bundle
 from shared.settings.base import MqttSettings, TierSettings
 from shared.topics import ID_PATTERN
 
@@ -63,6 +64,40 @@ class AgentSettings(TierSettings):
     max_in_flight: int = Field(
         default=20, ge=1, le=1000, description="windows published but not yet PUBACKed, at most"
     )
+    enrollment_file: Path | None = Field(
+        default=None,
+        description="this device's enrollment bundle (edgefleet fleet enroll --out, or written by a claim): "
+        "broker username, password, client id, CA and (unless broker.url is set) the broker URL come from "
+        "it; device_id defaults to its identity",
+    )
+    claim_token_file: Path | None = Field(
+        default=None,
+        description="a file holding ONE claim token (TOKEN_ID.SECRET, edgefleet fleet enroll-token create): "
+        "on first start, when enrollment_file does not exist yet, the agent claims its identity with it "
+        "and writes enrollment_file (0600). Each device needs its own token",
+    )
+    claim_timeout_s: float = Field(
+        default=120.0, gt=0, le=3600, description="give up a claim that got no answer after this long"
+    )
+    claim_sync_timeout_s: float = Field(
+        default=120.0,
+        gt=0,
+        le=3600,
+        description="after a claim, wait at most this long for the broker to accept the new identity",
+    )
+    client_id: str | None = Field(
+        default=None,
+        max_length=128,
+        description="MQTT client id (default ef-dev-<device_id>; an enrollment bundle sets its username, "
+        "which a broker with use_username_as_clientid forces anyway)",
+    )
+    command_inbox_max: int = Field(
+        default=1000,
+        ge=1,
+        le=100_000,
+        description="commands and desired configs received but not yet handled, at most; beyond it "
+        "they are dropped (the sender gets no ack) and counted",
+    )
     hold_unrouted: bool = Field(
         default=True,
         description="speak MQTT 5 and keep a window the broker accepted but routed to no subscriber "
@@ -70,6 +105,16 @@ class AgentSettings(TierSettings):
         "shared subscriptions) in the outbox, sending it again a moment later; off: MQTT 3.1.1, a "
         "PUBACK alone means delivered",
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _device_id_from_bundle(cls, data: Any) -> Any:
+        # An enrolled device needs no separate device_id: it is the bundle's identity.
+        if isinstance(data, dict) and not data.get("device_id") and data.get("enrollment_file"):
+            identity = identity_in_bundle(Path(data["enrollment_file"]))
+            if identity is not None:
+                return {**data, "device_id": identity}
+        return data
 
     @model_validator(mode="after")
     def _hop(self) -> Self:

@@ -19,6 +19,7 @@ from pydantic_settings import (
 )
 
 from shared.errors import ConfigError
+from shared.redact import redact_url
 from shared.topics import DEFAULT_PREFIX, Topics
 
 _yaml_file: contextvars.ContextVar[Path | None] = contextvars.ContextVar("edgefleet_yaml_file", default=None)
@@ -39,14 +40,14 @@ def parse_broker_url(url: str) -> BrokerAddress:
     """Parse ``mqtt://[user[:pass]@]host[:port]`` (``mqtts://`` for TLS, default ports 1883 / 8883)."""
     parts = urlsplit(url)
     if parts.scheme not in ("mqtt", "mqtts", "tcp", "ssl"):
-        raise ConfigError(f"broker URL {url!r}: scheme must be mqtt:// or mqtts://")
+        raise ConfigError(f"broker URL {redact_url(url)!r}: scheme must be mqtt:// or mqtts://")
     tls = parts.scheme in ("mqtts", "ssl")
     if not parts.hostname:
-        raise ConfigError(f"broker URL {url!r}: no host")
+        raise ConfigError(f"broker URL {redact_url(url)!r}: no host")
     try:
         port = parts.port or (8883 if tls else 1883)
     except ValueError as exc:
-        raise ConfigError(f"broker URL {url!r}: bad port") from exc
+        raise ConfigError(f"broker URL {redact_url(url)!r}: bad port") from exc
     return BrokerAddress(
         host=parts.hostname,
         port=port,

@@ -10,6 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
 
 from shared.errors import ConfigError
 from shared.settings.base import MqttSettings, TierSettings
+from shared.signing import ORDER_LIFETIME_S
 
 
 class Thresholds(BaseModel):
@@ -35,6 +36,43 @@ class Thresholds(BaseModel):
     trigger_check_s: float = Field(default=60.0, gt=0, description="how often beat checks the triggers")
     min_metrics_windows: int = Field(
         default=200, ge=1, description="labelled windows an edge must report before its accuracy counts"
+    )
+
+
+class IngestSettings(BaseModel):
+    """Who the ingest trusts and how much it takes from each edge (``ingest`` section)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    require_enrolled_edges: bool = Field(
+        default=True,
+        description="store uplink only from enrolled, active edge identities and device reports only of "
+        "enrolled, active devices the edge serves; anything else is dead-lettered (off: trust every "
+        "edge id, a warning at start)",
+    )
+    max_payload_bytes: int = Field(
+        default=1_048_576,
+        ge=1024,
+        le=16_777_216,
+        description="a larger message is dead-lettered 'too_large' without being decoded",
+    )
+    edge_rate_per_s: float = Field(
+        default=500.0, gt=0, description="messages per second each edge may send, sustained (token bucket)"
+    )
+    edge_burst: int = Field(
+        default=5000, ge=1, description="messages an edge may send at once above its rate (bucket size)"
+    )
+    rejected_dead_letters_per_minute: int = Field(
+        default=20,
+        ge=0,
+        description="rejected messages (rate_limited, too_large, unknown_edge, ...) stored as dead "
+        "letters per edge per minute; the rest are only counted",
+    )
+    device_ttl_s: float = Field(
+        default=3600.0,
+        gt=0,
+        description="a device its edge saw this recently stays that edge's: another edge's report of it "
+        "is dead-lettered 'not_served' unless both edges are in the same registry group",
     )
 
 
@@ -83,6 +121,42 @@ class S3Settings(BaseModel):
         return self
 
 
+class EnrollmentSettings(BaseModel):
+    """What enrollment bundles tell devices, edges, services and operators (``edgefleet fleet enroll``)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    site_broker_url: str | None = Field(
+        default=None,
+        description="the broker's site listener as devices, edges and operators reach it, e.g. "
+        "mqtts://broker.example:8883; default: broker.url",
+    )
+    cloud_broker_url: str | None = Field(
+        default=None, description="the broker's cloud listener, for service identities; default: broker.url"
+    )
+    ca_file: Path | None = Field(
+        default=None,
+        description="PEM of the CA that signs the broker's TLS certificate, copied into bundles; "
+        "default: broker.tls_ca",
+    )
+    claim_token_max_ttl_s: float = Field(
+        default=30 * 86400.0, gt=0, description="longest lifetime a claim token may be given"
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> Self:
+        for name in ("site_broker_url", "cloud_broker_url"):
+            value = getattr(self, name)
+            if value is None:
+                continue
+            parts = urlsplit(value)
+            if parts.scheme not in ("mqtt", "mqtts", "tcp", "ssl") or not parts.hostname:
+                raise ValueError(f"{name} {value!r} must be an mqtt(s)://HOST[:PORT] URL")
+            if parts.username or parts.password:
+                raise ValueError(f"{name}: no credentials in the URL (bundles carry their own)")
+        return self
+
+
 class CloudSettings(TierSettings):
     """Settings of the cloud services: registry, Celery, broker, artifacts, keys, thresholds."""
 
@@ -97,6 +171,9 @@ class CloudSettings(TierSettings):
     )
     celery_result_url: str | None = Field(default=None, description="overrides redis_url for results")
     broker: MqttSettings = Field(default_factory=MqttSettings, description="the cloud MQTT broker")
+    enrollment: EnrollmentSettings = Field(
+        default_factory=EnrollmentSettings, description="broker URLs and CA written into enrollment bundles"
+    )
     artifact_dir: Path | None = Field(default=None, description="default <data_dir>/artifacts")
     artifact_base_url: str | None = Field(
         default=None, description="http(s) URL the artifact server is reachable at; default file:// URLs"
@@ -108,9 +185,19 @@ class CloudSettings(TierSettings):
     )
     signing_private_key: Path | None = Field(default=None, description="ed25519 PEM; dev mode: generated")
     signing_public_key: Path | None = None
+    signing_keys_dir: Path | None = Field(
+        default=None,
+        description="the key ring (ring.json and rotated key pairs); default the signing key's directory",
+    )
+    desired_ttl_s: float = Field(
+        default=ORDER_LIFETIME_S, gt=0, description="lifetime of a signed desired-state order (expires_at)"
+    )
     thresholds: Thresholds = Field(default_factory=Thresholds)
     ingest_batch: int = Field(default=200, ge=1, le=100_000, description="messages per registry transaction")
     ingest_flush_s: float = Field(default=0.5, gt=0)
+    ingest: IngestSettings = Field(
+        default_factory=IngestSettings, description="the ingest's trust in edges and per-edge limits"
+    )
     task_time_limit_s: float = Field(default=1800.0, gt=0)
 
     @model_validator(mode="after")
@@ -139,6 +226,11 @@ class CloudSettings(TierSettings):
     def resolved_result_url(self) -> str:
         """Celery's result backend URL (default: the Redis URL)."""
         return self.celery_result_url or self.redis_url
+
+    @property
+    def resolved_keys_dir(self) -> Path:
+        """Where the signing key ring lives (default: the directory of the signing key)."""
+        return self.signing_keys_dir or self.key_paths()[0].parent
 
     def key_paths(self) -> tuple[Path, Path]:
         """The signing key pair's paths; in dev mode they default to files under ``data_dir``."""

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Annotated, Literal, Self
+from typing import Annotated, Any, Literal, Self
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
 
+from shared.codec import DESCRIPTOR_CACHE_MAX_BYTES
+from shared.enrollment import identity_in_bundle
 from shared.schemas import ID_PATTERN, Privacy
 from shared.settings.base import MqttSettings, TierSettings
 
@@ -42,6 +44,15 @@ class BatchSettings(BaseModel):
     )
     workers: int = Field(default=1, ge=1, le=64, description="inference threads, one interpreter each")
     queue_max: int = Field(default=100_000, ge=1, description="windows waiting for inference before dropping")
+    inbox_max: int = Field(
+        default=20_000,
+        ge=1,
+        le=1_000_000,
+        description="site messages received but not yet taken by a worker, at most. Beyond it, with "
+        "ack_after_decision, QoS1 telemetry is left un-PUBACKed on the broker and redelivered once the "
+        "edge has caught up (the site link reconnects); otherwise it is dropped; counted either way "
+        "(edge_inbox_full_total)",
+    )
     ack_after_decision: bool = Field(
         default=True,
         description="PUBACK a telemetry message only once its window is decided: a crash loses nothing "
@@ -83,10 +94,18 @@ class ModelSettings(BaseModel):
     class_names: list[str] | None = Field(
         default=None, description="class names when there is no manifest (default class_0, class_1, ...)"
     )
-    public_key: Path | None = Field(default=None, description="the cloud's ed25519 public key (PEM)")
+    public_key: Path | None = Field(
+        default=None,
+        description="the cloud's ed25519 public key (PEM): the root of the edge's key ring, which learns "
+        "rotations and revocations the cloud announces signed by a key it already trusts",
+    )
+    trusted_keys_dir: Path | None = Field(
+        default=None, description="a directory of further trusted public keys (*.pub / *.pem)"
+    )
     require_signature: bool = Field(
         default=True,
-        description="refuse deployed models without a valid signature (local --model is trusted)",
+        description="refuse desired-state orders and deployed models without a valid signature by a "
+        "key of the ring (local --model is trusted); false is for development only",
     )
     warmup_windows: int = Field(default=8, ge=1, le=1024)
     download_timeout_s: float = Field(default=60.0, gt=0)
@@ -119,6 +138,14 @@ class EdgeSettings(TierSettings):
         default=None,
         description="cloud: desired state, status, decisions, samples (default: the site broker)",
     )
+    enrollment_file: Path | None = Field(
+        default=None,
+        description="this edge's enrollment bundle (edgefleet fleet enroll EDGE --kind edge --out FILE): "
+        "the site and cloud links log in with its identity (as EDGE/site, EDGE/cloud, EDGE/site-K, ...) "
+        "and password, trust its CA, and connect to its broker URL unless site_broker.url / cloud_broker "
+        "are set; its cloud public key (written beside it) is model.public_key unless that is set; "
+        "edge_id defaults to its identity",
+    )
     share_group: str | None = Field(default=None, description="split a site's devices: $share/<group>/...")
     processes: Annotated[int, Field(ge=1, le=256)] | Literal["auto"] = Field(
         default="auto",
@@ -133,6 +160,13 @@ class EdgeSettings(TierSettings):
     cache: CacheSettings = Field(default_factory=CacheSettings)
     uplink: UplinkSettings = Field(default_factory=UplinkSettings)
     metrics: MetricsSettings = Field(default_factory=MetricsSettings)
+    decoder_cache_max_bytes: int = Field(
+        default=DESCRIPTOR_CACHE_MAX_BYTES,
+        ge=0,
+        le=1024 * 1024 * 1024,
+        description="the telemetry decoder's cache of validated window descriptors (device id, "
+        "channels, shape), least recently used evicted beyond this many bytes; 0 disables it",
+    )
     dedup_window: int = Field(default=1024, ge=1, le=1_000_000, description="seqs remembered per device")
     dedup_max_devices: int = Field(default=100_000, ge=1)
     device_ttl_s: float = Field(
@@ -150,6 +184,16 @@ class EdgeSettings(TierSettings):
         description="sys.setswitchinterval for the edge process (None: Python's 5 ms). 0.5 ms cut tail "
         "latency in our runs but cost ~30% throughput: paho and the workers share one GIL",
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _edge_id_from_bundle(cls, data: Any) -> Any:
+        # An enrolled edge needs no separate edge_id: it is the bundle's identity.
+        if isinstance(data, dict) and not data.get("edge_id") and data.get("enrollment_file"):
+            identity = identity_in_bundle(Path(data["enrollment_file"]))
+            if identity is not None:
+                return {**data, "edge_id": identity}
+        return data
 
     @model_validator(mode="after")
     def _check(self) -> Self:

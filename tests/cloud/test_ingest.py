@@ -42,6 +42,7 @@ from shared.schemas import (
 from shared.settings import CloudSettings, MqttSettings
 from shared.topics import EdgeTopic
 from tests.support.brokers import Mosquitto
+from tests.support.identities import enroll_fleet
 
 CLASSES = ["normal", "imbalance", "misalignment", "bearing_fault"]
 
@@ -99,6 +100,7 @@ def _publish_all(broker: Mosquitto, messages: list[tuple[str, bytes]]) -> None:
 
 def test_ingest_stores_every_kind_dedups_and_dead_letters(tmp_path: Path, mosquitto: Mosquitto) -> None:
     settings = _settings(tmp_path, mosquitto)
+    enroll_fleet(settings.resolved_database_url, edges=["e1", "e2"], devices=["d1"])
     topics = settings.broker.topics
     ingest = Ingest(settings)
     ingest.link.connect()
@@ -230,6 +232,7 @@ def test_teacher_pseudo_labels_above_threshold(
     settings = _settings(tmp_path, mosquitto, thresholds={"pseudo_label_confidence": threshold or 1e-9})
     url = settings.resolved_database_url
     upgrade(url)
+    enroll_fleet(url, edges=["e1"])
     with session_scope(url) as s:
         run = crud.create_run(s, model_name="vib", config={})
         teacher = crud.create_model_version(
@@ -263,6 +266,7 @@ def test_teacher_pseudo_labels_above_threshold(
 def test_cli_ingest_receives_what_arrived_while_it_was_down(tmp_path: Path, mosquitto: Mosquitto) -> None:
     """The ingest's persistent session: messages published while it is stopped are delivered on restart."""
     settings = _settings(tmp_path, mosquitto)
+    enroll_fleet(settings.resolved_database_url, edges=["e1"])
     first = Ingest(settings, client_id="ingest-cli")
     first.link.connect()
     assert first.link.wait_subscribed()
@@ -307,7 +311,8 @@ def test_ingest_keeps_batches_while_the_registry_is_down(tmp_path: Path, mosquit
     or lost, and everything is stored once the database comes up."""
     name = f"edgefleet_ingest_{uuid.uuid4().hex[:10]}"
     url = f"postgresql+psycopg2://postgres@127.0.0.1:5432/{name}"
-    settings = _settings(tmp_path, mosquitto, database_url=url)
+    # The registry (and so its identities) does not exist yet: this test is about the outage alone.
+    settings = _settings(tmp_path, mosquitto, database_url=url, ingest={"require_enrolled_edges": False})
     ingest = Ingest(settings, migrate=False)
     ingest.link.connect()
     assert ingest.link.wait_subscribed()
@@ -324,9 +329,16 @@ def test_ingest_keeps_batches_while_the_registry_is_down(tmp_path: Path, mosquit
             time.sleep(0.05)
         assert ingest.stats.store_retries >= 1
         assert ingest.stats.stored == 0
+        # Created and migrated under another name, then renamed: the retrying ingest never finds a
+        # database without its tables (that is a broken registry, not an unreachable one).
+        staging = f"{name}_new"
+        staging_url = url.replace(name, staging)
         with admin.connect() as conn:
-            conn.execute(text(f'CREATE DATABASE "{name}"'))
-        upgrade(url)
+            conn.execute(text(f'CREATE DATABASE "{staging}"'))
+        upgrade(staging_url)
+        engine_for(staging_url).dispose()
+        with admin.connect() as conn:
+            conn.execute(text(f'ALTER DATABASE "{staging}" RENAME TO "{name}"'))
         worker.join(timeout=90)
         assert not worker.is_alive()
         assert ingest.stats.stored == 4
@@ -339,6 +351,7 @@ def test_ingest_keeps_batches_while_the_registry_is_down(tmp_path: Path, mosquit
         engine_for(url).dispose()
         with admin.connect() as conn:
             conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}_new" WITH (FORCE)'))
         admin.dispose()
 
 

@@ -70,7 +70,7 @@ def test_hot_swap_under_load_loses_nothing_and_runs_nothing_twice(
         with artifact_server(edge_models["float32_v2"].parent) as base_url:  # over HTTP this time
             url = f"{base_url}/{edge_models['float32_v2'].name}"
             manifest = manifest_for(edge_models["float32_v2"], "2.0.0", keys=signing_keys, url=url)
-            ops.publish(DESIRED, desired("edge-1", 1, manifest), retain=True)
+            ops.publish(DESIRED, desired("edge-1", 1, manifest, keys=signing_keys), retain=True)
             wait_for(lambda: final_stage(ops, 1), "the deploy result")
         sender.join(120)
         total = per_device * len(devices)
@@ -117,7 +117,7 @@ def test_bad_models_are_rejected_and_the_old_one_keeps_serving(
     signed = manifest_for(good, "3.0.0", keys=signing_keys)
     cases = {
         "sha256": manifest_for(good, "3.0.1", keys=signing_keys, sha256="0" * 64),
-        "signature: model vib@3.0.2: signature does not verify": manifest_for(good, "3.0.2", keys=other),
+        "signature: model vib@3.0.2 is signed by key": manifest_for(good, "3.0.2", keys=other),
         "tampered": signed.model_copy(update={"version": "3.0.3"}),
         "unsigned": manifest_for(good, "3.0.4"),
         "size": manifest_for(
@@ -142,7 +142,7 @@ def test_bad_models_are_rejected_and_the_old_one_keeps_serving(
         original = node.holder.current
         assert original is not None
         for revision, (case, manifest) in enumerate(cases.items(), start=1):
-            ops.publish(DESIRED, desired("edge-1", revision, manifest), retain=True)
+            ops.publish(DESIRED, desired("edge-1", revision, manifest, keys=signing_keys), retain=True)
             done = wait_for(lambda r=revision: final_stage(ops, r), f"the verdict on {case}")
             assert done.stage is DeployStage.FAILED, (case, done)
             assert not done.ok
@@ -178,7 +178,7 @@ def test_restart_keeps_the_active_model_and_rollback_restores_last_good(
     manifest = manifest_for(edge_models["float32_v2"], "2.0.0", keys=signing_keys)
     with running_node(settings) as node:
         local_version = node.holder.current.version  # type: ignore[union-attr]
-        ops.publish(DESIRED, desired("edge-1", 5, manifest), retain=True)
+        ops.publish(DESIRED, desired("edge-1", 5, manifest, keys=signing_keys), retain=True)
         assert wait_for(lambda: final_stage(ops, 5), "deploy").stage is DeployStage.SWAPPED
     # Restart: the deployed model comes back from disk; the retained order (same revision) is not redone.
     with running_node(settings) as node:
@@ -186,7 +186,11 @@ def test_restart_keeps_the_active_model_and_rollback_restores_last_good(
         device.send(1)
         wait_for(lambda: node.stats.windows_total >= 1, "serving after restart")
         assert node.manager.reported().last_good_version == local_version
-        ops.publish(DESIRED, desired("edge-1", 6, None, action="rollback"), retain=True)
+        ops.publish(
+            DESIRED,
+            desired("edge-1", 6, None, action="rollback", keys=signing_keys, rollback_to=local_version),
+            retain=True,
+        )
         done = wait_for(lambda: final_stage(ops, 6), "rollback")
         assert done.stage is DeployStage.ROLLED_BACK, done
         assert node.holder.current.version == local_version  # type: ignore[union-attr]

@@ -302,14 +302,14 @@ def test_a_deployment_swaps_every_worker_and_a_bad_one_none(
         first = versions_for(0)
         assert len(first) == 1
         manifest = manifest_for(edge_models["float32_v2"], "2.0.0", keys=signing_keys)
-        ops.publish(desired_topic, desired(EDGE, 1, manifest), retain=True)
+        ops.publish(desired_topic, desired(EDGE, 1, manifest, keys=signing_keys), retain=True)
         done = wait_for(lambda: outcome(1), "the deployment result")
         assert done.stage is DeployStage.SWAPPED, done
         wait_for(lambda: edge.metrics().get("edge_model_info{name=vib,version=2.0.0}") == 1, "the new model")
         # Both workers serve it: every window after "swapped" is decided by 2.0.0, whichever worker.
         assert versions_for(1) == Counter({"2.0.0": len(devices)})
         bad = manifest_for(edge_models["nan"], "3.0.0", keys=signing_keys)
-        ops.publish(desired_topic, desired(EDGE, 2, bad), retain=True)
+        ops.publish(desired_topic, desired(EDGE, 2, bad, keys=signing_keys), retain=True)
         failed = wait_for(lambda: outcome(2), "the failed deployment")
         assert failed.stage is DeployStage.FAILED
         assert "worker" in (failed.reason or "")

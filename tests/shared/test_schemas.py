@@ -34,6 +34,9 @@ from shared.schemas import (
     EdgeStatus,
     HardExample,
     Heartbeat,
+    KeyAction,
+    KeyAnnouncement,
+    KeyRing,
     LatencySummary,
     Message,
     ModelManifest,
@@ -169,7 +172,16 @@ EXAMPLES: dict[type[Message], Message] = {
     ),
     ModelManifest: MANIFEST,
     DesiredState: DesiredState(
-        edge_id="edge-a", revision=7, model=MANIFEST, rollout_id="r-1", config={"batch": 32, "rules": ["a"]}
+        edge_id="edge-a",
+        revision=7,
+        model=MANIFEST,
+        rollout_id="r-1",
+        config={"batch": 32, "rules": ["a"]},
+        issued_at=1_700_000_000.0,
+        expires_at=1_700_086_400.0,
+        model_digest="c" * 64,
+        key_id="0123456789abcdef",
+        signature="c2lnbmF0dXJl",
     ),
     DeploymentProgress: DeploymentProgress(
         edge_id="edge-a", revision=7, rollout_id="r-1", model_version="v3", stage=DeployStage.SWAPPED, ok=True
@@ -203,6 +215,25 @@ EXAMPLES: dict[type[Message], Message] = {
             ),
             DeviceSeen(device_id="pump-2", state=OnlineState.OFFLINE, reason="lwt"),
         ],
+    ),
+    KeyRing: KeyRing(
+        announcements=[
+            KeyAnnouncement(
+                seq=1,
+                action=KeyAction.ADD,
+                key_id="fedcba9876543210",
+                public_key="-----BEGIN PUBLIC KEY-----\n...\n-----END PUBLIC KEY-----\n",
+                signer_key_id="0123456789abcdef",
+                signature="c2lnbmF0dXJl",
+            ),
+            KeyAnnouncement(
+                seq=2,
+                action=KeyAction.REVOKE,
+                key_id="0123456789abcdef",
+                signer_key_id="fedcba9876543210",
+                signature="c2lnbmF0dXJl",
+            ),
+        ]
     ),
 }
 
@@ -338,6 +369,10 @@ def test_cross_field_rules():
     with pytest.raises(ValidationError, match="needs a model"):
         DesiredState(edge_id="e", revision=1, action=DesiredAction.DEPLOY)
     assert DesiredState(edge_id="e", revision=1, action=DesiredAction.ROLLBACK).model is None
+    with pytest.raises(ValidationError, match="expires_at"):
+        DesiredState(edge_id="e", revision=1, action=DesiredAction.ROLLBACK, issued_at=10.0, expires_at=5.0)
+    with pytest.raises(ValidationError, match="public_key"):
+        KeyAnnouncement(seq=1, action=KeyAction.ADD, key_id="k")
     manifest = MANIFEST.model_dump()
     with pytest.raises(ValidationError, match="class_names"):
         ModelManifest.model_validate({**manifest, "output_shape": [3]})
@@ -402,6 +437,7 @@ def test_example_payload_shapes_are_stable():
         "edge_status",
         "device_desired",
         "device_report",
+        "key_ring",
     }
 
 

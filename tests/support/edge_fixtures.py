@@ -33,7 +33,7 @@ from shared.schemas import (
     encode_message,
 )
 from shared.settings import EdgeSettings, MqttSettings
-from shared.signing import generate_keypair, load_private_key, sign_manifest
+from shared.signing import generate_keypair, load_private_key, sign_desired, sign_manifest
 from shared.topics import Topics
 
 CLASS_NAMES = list(synthetic.CLASS_NAMES)
@@ -104,9 +104,46 @@ def manifest_for(
     return manifest
 
 
-def desired(edge_id: str, revision: int, manifest: ModelManifest | None, action: str = "deploy") -> bytes:
+def signed_desired(
+    edge_id: str,
+    revision: int,
+    manifest: ModelManifest | None,
+    action: str = "deploy",
+    *,
+    keys: Keys,
+    rollback_to: str | None = None,
+    lifetime_s: float = 3600.0,
+    **fields: Any,
+) -> DesiredState:
+    """A desired-state order signed by ``keys`` (as the cloud's ``signed_order`` makes them)."""
+    issued = time.time()
+    if action == "rollback" and rollback_to is None and manifest is not None:
+        rollback_to = manifest.version
+    order = DesiredState(
+        edge_id=edge_id,
+        revision=revision,
+        action=DesiredAction(action),
+        model=manifest,
+        rollback_to=rollback_to,
+        issued_at=fields.pop("issued_at", issued),
+        expires_at=fields.pop("expires_at", issued + lifetime_s),
+        **fields,
+    )
+    return sign_desired(order, load_private_key(keys.private), key_id=keys.key_id)
+
+
+def desired(
+    edge_id: str,
+    revision: int,
+    manifest: ModelManifest | None,
+    action: str = "deploy",
+    *,
+    keys: Keys,
+    rollback_to: str | None = None,
+) -> bytes:
+    """The payload of ``signed_desired``."""
     return encode_message(
-        DesiredState(edge_id=edge_id, revision=revision, action=DesiredAction(action), model=manifest)
+        signed_desired(edge_id, revision, manifest, action, keys=keys, rollback_to=rollback_to)
     )
 
 

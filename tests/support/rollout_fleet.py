@@ -32,6 +32,7 @@ from shared.settings.cloud import CloudSettings
 from shared.topics import Topics
 from tests.support.brokers import Mosquitto
 from tests.support.edge_fixtures import CLASS_NAMES, edge_settings, make_window, manifest_for, wait_for
+from tests.support.identities import enroll_fleet
 
 WINDOWS_PER_S_PER_EDGE = 40
 TICK_S = 0.5
@@ -153,6 +154,7 @@ def running_fleet(
         dev_mode=True,
     )
     upgrade(settings.resolved_database_url)
+    enroll_fleet(settings.resolved_database_url, edges=edges, devices=[f"dev-{edge}" for edge in edges])
     state = RolloutFleet(settings, broker, list(edges))
     state.models = {
         "v1": register_signed_model(settings, edge_models["float32"], "1.0.0"),

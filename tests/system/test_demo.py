@@ -9,6 +9,7 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -27,10 +28,46 @@ pytestmark = [
 
 DEMO_TIMEOUT_S = 900
 CONSOLE_LINE = re.compile(r"^console: (http://127\.0\.0\.1:\d+/)signin/link/\S+$", re.MULTILINE)
+BROKER_LINE = re.compile(
+    r"^demo: broker mosquitto \(edgefleet broker run\) at mqtt://127\.0\.0\.1:(\d+),", re.MULTILINE
+)
+# mosquitto's connection_messages: "New client connected from HOST:PORT as CLIENT_ID (p2, c1, k30, u'USER')."
+CONNECTED = re.compile(r"New client connected from \S+ as (\S+) \(.*u'([^']+)'\)")
 
 
 def _demo_argv(data_dir: Path, *extra: str) -> list[str]:
     return [sys.executable, "-m", "shared.cli", "demo", "--headless", "--data-dir", str(data_dir), *extra]
+
+
+def _connack_code(port: int, username: str | None = None, password: str | None = None) -> int:
+    """The CONNACK return code the broker on ``port`` gives an MQTT 3.1.1 CONNECT (0: accepted, 5: not
+    authorized), without a username when ``username`` is None."""
+
+    def field(text: str) -> bytes:
+        return len(text.encode()).to_bytes(2, "big") + text.encode()
+
+    flags = 0x02 | (0x80 if username is not None else 0) | (0x40 if password is not None else 0)
+    body = field("MQTT") + bytes([4, flags]) + (30).to_bytes(2, "big") + field("anonymous-probe")
+    body += (field(username) if username is not None else b"") + (
+        field(password) if password is not None else b""
+    )
+    assert len(body) < 128
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(b"\x10" + bytes([len(body)]) + body)
+        reply = b""
+        while len(reply) < 4:
+            chunk = sock.recv(4 - len(reply))
+            if not chunk:
+                break
+            reply += chunk
+    assert reply[:2] == b"\x20\x02", reply
+    return reply[3]
+
+
+def _logins(data_dir: Path) -> list[tuple[str, str]]:
+    """(client id, username) of every connection the demo's broker accepted (its log)."""
+    text = (data_dir / "broker" / "mosquitto.log").read_text()
+    return [(m.group(1), m.group(2)) for m in CONNECTED.finditer(text)]
 
 
 def _leftovers(data_dir: Path) -> list[str]:
@@ -91,6 +128,21 @@ def test_demo_headless_recovers_from_drift_without_losing_windows(tmp_path: Path
     assert accuracy["after_recovery"] is not None, summary
     assert accuracy["after_recovery"] > accuracy["after_drift"], summary
     assert set(summary["models"]["final_per_edge"].values()) != {summary["models"]["first"]}
+    # Per-identity credentials: one bundle (0600) per identity, and every edge connection and device
+    # logged in under its own username (the broker forces client id = username on the site listener).
+    assert summary["broker_auth"] == "per-identity", summary
+    devices = {f"dev-{i:03d}" for i in range(20)}
+    bundles = sorted((data_dir / "identities").glob("*.json"))
+    assert {b.stem for b in bundles} == {"cloud", "edge-1", "edge-2", *devices}
+    assert all(b.stat().st_mode & 0o777 == 0o600 for b in bundles)
+    logins = _logins(data_dir)
+    assert all(client == user for client, user in logins if not user.startswith(("cloud", "broker-"))), logins
+    users = {user for _, user in logins}
+    assert devices <= users, sorted(users)
+    edge_users = {u for u in users if u.split("/")[0] in ("edge-1", "edge-2")}
+    for edge in ("edge-1", "edge-2"):
+        assert {f"{edge}/site", f"{edge}/cloud"} <= edge_users, sorted(users)
+    assert users - devices - edge_users <= {"cloud", "broker-claims", "broker-sync"}, sorted(users)
     assert _leftovers(data_dir) == []
 
 
@@ -116,6 +168,14 @@ def test_interrupted_demo_stops_every_process(tmp_path: Path) -> None:
                 time.sleep(1)
             # broker, redis, worker, beat, ingest, console, 2 edges, devices
             assert len(_leftovers(data_dir)) >= 9
+            # The broker logs in identities only: an anonymous client and a wrong password are refused.
+            broker = BROKER_LINE.search((tmp_path / "demo.log").read_text())
+            assert broker is not None, (tmp_path / "demo.log").read_text()[-4000:]
+            port = int(broker.group(1))
+            assert _connack_code(port) == 5
+            assert _connack_code(port, "dev-000", "not-its-secret") in (4, 5)
+            bundle = json.loads((data_dir / "identities" / "dev-000.json").read_text())
+            assert bundle["broker_url"] == f"mqtt://127.0.0.1:{port}"
             # The printed link signs in once: a session cookie and off to the fleet page.
             link = CONSOLE_LINE.search((tmp_path / "demo.log").read_text())
             assert link is not None

@@ -2,22 +2,23 @@
 
 The sign-in form has no session yet, so its CSRF protection is a double-submit cookie: the form's
 hidden token must equal the ``ef_signin_csrf`` cookie set when the form was shown. Failed attempts
-are limited per client address (``MAX_FAILURES`` in ``FAILURE_WINDOW_S``)."""
+are limited per client address (``cloud.api.ratelimit``: the same rule as the API's bearer tokens) and
+each is written to the audit log (``console_auth_failed``: address, what was tried, why; never the
+password, token or link)."""
 
 # No "from __future__ import annotations": FastAPI resolves the Annotated aliases at runtime.
 
 import hmac
 import secrets
-import threading
-import time
-from collections import defaultdict, deque
 from typing import Annotated
 
 from fastapi import APIRouter, Form, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from starlette.concurrency import run_in_threadpool
 
-from cloud.api.deps import get_database_url
+from cloud.api import ratelimit
+from cloud.api.auth import record_failed_login
+from cloud.api.deps import client_address, get_database_url
 from cloud.console import auth
 from cloud.console.deps import SESSION_COOKIE, ViewerForm
 from cloud.console.templating import render
@@ -26,29 +27,26 @@ from cloud.errors import AuthError
 router = APIRouter(include_in_schema=False)
 
 SIGNIN_CSRF_COOKIE = "ef_signin_csrf"
-MAX_FAILURES = 10
-FAILURE_WINDOW_S = 300.0
-
-_failures: defaultdict[str, deque[float]] = defaultdict(deque)
-_failures_lock = threading.Lock()
 
 
 def _client(request: Request) -> str:
-    return request.client.host if request.client else "unknown"
+    return client_address(request)
 
 
 def _too_many_failures(client: str) -> bool:
-    now = time.monotonic()
-    with _failures_lock:
-        recent = _failures[client]
-        while recent and now - recent[0] > FAILURE_WINDOW_S:
-            recent.popleft()
-        return len(recent) >= MAX_FAILURES
+    return ratelimit.CONSOLE_SIGNIN.blocked(client)
 
 
-def _record_failure(client: str) -> None:
-    with _failures_lock:
-        _failures[client].append(time.monotonic())
+async def _record_failure(request: Request, client: str, *, target: str, reason: str) -> None:
+    ratelimit.CONSOLE_SIGNIN.record(client)
+    await run_in_threadpool(
+        record_failed_login,
+        database_url=get_database_url(request),
+        client=client,
+        channel="console",
+        target=target,
+        reason=reason,
+    )
 
 
 def _safe_next(target: str | None) -> str:
@@ -125,7 +123,10 @@ async def signin(
                 auth.sign_in_password, database_url=url, username=username, password=password
             )
     except AuthError as exc:
-        _record_failure(client)
+        # The user name tried is recorded (it says whose account is attacked); what was typed as the
+        # password or token never is.
+        target = "token" if token else f"user:{username[:64]}"
+        await _record_failure(request, client, target=target, reason=str(exc))
         return _signin_page(request, error=str(exc), status_code=401)
     response = RedirectResponse(_safe_next(next_path), status_code=303)
     set_session_cookie(request, response, signed.cookie)
@@ -144,7 +145,7 @@ async def signin_link(request: Request, secret: str) -> Response:
             auth.sign_in_link, database_url=get_database_url(request), secret=secret
         )
     except AuthError as exc:
-        _record_failure(client)
+        await _record_failure(request, client, target="signin-link", reason=str(exc))
         return _signin_page(request, error=str(exc), status_code=401)
     # The secret is in this URL: no referrer from it, not even to this site.
     response = RedirectResponse("/", status_code=303, headers={"Referrer-Policy": "no-referrer"})

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import secrets
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,14 @@ from shared.settings.cloud import CloudSettings
 from tests.support.api_server import run_cli, running_api
 
 ARTIFACT = bytes(range(256)) * 40
+
+
+def _viewer(settings: CloudSettings) -> dict[str, str]:
+    """Headers of a fresh viewer token: the API's description (/openapi.json, /docs) needs one."""
+    token = create_token(
+        database_url=settings.resolved_database_url, name=f"docs-{secrets.token_hex(4)}", role="viewer"
+    )
+    return {"Authorization": f"Bearer {token}"}
 
 
 @pytest.fixture(scope="module")
@@ -90,11 +99,14 @@ def test_tokens_are_stored_hashed_and_refused_when_missing_wrong_or_revoked(
     ).json()
     assert [(e["action"], e["target"]) for e in entries] == [("token_revoke", "ops")]
     assert entries[0]["actor"].startswith("cli")
-    shown = json.loads(run_cli(settings, "admin", "audit", "--json", "--limit", "2"))
+    shown = json.loads(run_cli(settings, "admin", "audit", "--json", "--limit", "3"))
     assert [(e["action"], e["target"]) for e in shown] == [
         ("token_create", "auditor"),
+        ("api_auth_failed", "GET /v1/fleet/edges"),  # the revoked token tried once more
         ("token_revoke", "ops"),
     ]
+    assert shown[1]["actor"] == "client:127.0.0.1"
+    assert secret not in json.dumps(shown)
 
 
 def test_edge_token_downloads_artifacts_with_ranges_but_is_not_an_admin(
@@ -143,8 +155,9 @@ def test_edge_downloads_through_the_api_with_its_token(
 def test_openapi_lists_every_route_and_the_bearer_requirement(
     api_env: tuple[CloudSettings, httpx.Client, Path],
 ) -> None:
-    _, client, _ = api_env
-    spec = client.get("/openapi.json").json()
+    settings, client, _ = api_env
+    viewer = _viewer(settings)
+    spec = client.get("/openapi.json", headers=viewer).json()
     paths = set(spec["paths"])
     assert {
         "/healthz",
@@ -164,7 +177,7 @@ def test_openapi_lists_every_route_and_the_bearer_requirement(
         "/v1/audit",
     } <= paths
     assert client.get("/healthz").json() == {"status": "ok"}
-    docs = client.get("/docs")  # the Swagger UI over the same document
+    docs = client.get("/docs", headers=viewer)  # the Swagger UI over the same document
     assert docs.status_code == 200
     assert "/openapi.json" in docs.text
     assert "RolloutRequest" in spec["components"]["schemas"]
@@ -182,8 +195,8 @@ def test_every_operation_declares_a_typed_success_response(
 ) -> None:
     """The OpenAPI document is complete: every operation's 2xx answer has a schema (a component
     ``$ref``, an array of them, or a typed value such as the artifact download's binary string)."""
-    _, client, _ = api_env
-    spec = client.get("/openapi.json").json()
+    settings, client, _ = api_env
+    spec = client.get("/openapi.json", headers=_viewer(settings)).json()
     components = spec["components"]["schemas"]
     checked = 0
     for path, operations in spec["paths"].items():

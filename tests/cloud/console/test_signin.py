@@ -11,9 +11,9 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
+from cloud.api import ratelimit
 from cloud.api.auth import create_token, role_allows
 from cloud.console import auth
-from cloud.console.routes import signin
 from cloud.registry import accounts
 from cloud.registry.db import session_scope, upgrade
 from shared.settings import MqttSettings
@@ -264,8 +264,7 @@ def test_repeated_failures_are_rate_limited(
     console: tuple[CloudSettings, str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     _, url = console
-    monkeypatch.setattr(signin, "MAX_FAILURES", 3)
-    monkeypatch.setattr(signin, "_failures", signin.defaultdict(signin.deque))
+    monkeypatch.setattr(ratelimit, "CONSOLE_SIGNIN", ratelimit.FailureLimiter(max_failures=3))
     client = new_client(url)
     codes = [
         client.post(

@@ -38,8 +38,10 @@ from tests.support.api_server import running_api
 from tests.support.brokers import Mosquitto, RedisServer
 from tests.support.celery_worker import celery_worker
 from tests.support.edge_fixtures import edge_settings, wait_for
+from tests.support.identities import enroll_fleet
 
 WAIT_S = 30.0
+DEVICES = [f"pump-{i}" for i in range(1, 5)]  # enrolled: the ingest records reports of enrolled devices
 
 
 class Env:
@@ -51,6 +53,7 @@ class Env:
             database_url=f"sqlite:///{tmp_path / 'registry.db'}",
             broker=MqttSettings(url=broker.url),
         )
+        enroll_fleet(self.settings.resolved_database_url, edges=["edge-1"], devices=DEVICES)
         self.cli_env = {
             "EDGEFLEET_DATABASE_URL": self.settings.resolved_database_url,
             "EDGEFLEET_DATA_DIR": str(tmp_path / "cloud"),

@@ -45,6 +45,7 @@ from tests.support.edge_fixtures import (
     edge_settings,
     wait_for,
 )
+from tests.support.identities import enroll_fleet
 from tests.support.rollout_fleet import WindowFeeder, register_signed_model
 
 EDGES = ("edge-a", "edge-b", "edge-c", "edge-d")
@@ -181,6 +182,7 @@ def fleet_env(
         dev_mode=True,
     )
     upgrade(settings.resolved_database_url)
+    enroll_fleet(settings.resolved_database_url, edges=EDGES, devices=[f"dev-{edge}" for edge in EDGES])
     _, public_key = settings.key_paths()
     env = {
         **os.environ,
@@ -262,7 +264,9 @@ def test_ingest_stores_beside_a_busy_registry_writer(tmp_path: Path) -> None:
         data_dir=tmp_path / "cloud",
         database_url=f"sqlite:///{tmp_path / 'registry.db'}",
         broker=MqttSettings(url="mqtt://127.0.0.1:1"),  # never connected: batches are stored directly
+        ingest={"edge_burst": 10_000},  # 1000 metrics at once: this test is not about the rate limit
     )
+    enroll_fleet(settings.resolved_database_url, edges=["edge-x"])
     ingest = Ingest(settings)
     url = settings.resolved_database_url
     stop = threading.Event()

@@ -132,3 +132,10 @@ def test_plan_waves(n: int, canary: float, waves: int, expected: list[int]) -> N
     plan = plan_waves(edges, canary=canary, waves=waves)
     assert [len(w) for w in plan] == expected
     assert [e for w in plan for e in w] == edges
+
+
+def test_a_refused_order_is_a_deploy_failure_named_as_refused() -> None:
+    result = gates.deploy_gate(["edge-x"], 0, refused=["edge-x"])
+    assert result.passed is False
+    assert result.detail == "deployment failed on edge-x (order refused by edge-x)"
+    assert gates.deploy_gate([], 0).passed is True

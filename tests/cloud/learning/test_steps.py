@@ -15,6 +15,7 @@ from cloud.registry import crud
 from cloud.registry.db import session_scope, upgrade
 from shared.codec import encode_window
 from shared.settings import CloudSettings
+from tests.support.identities import enroll_fleet
 
 
 @pytest.fixture
@@ -31,6 +32,8 @@ def _toy(path: Path) -> Path:
 
 
 def _add_samples(settings: CloudSettings, shapes: list[tuple[int, int]]) -> None:
+    # d1 is a trusted labeller: its labels train (an untrusted device's would only evaluate).
+    enroll_fleet(settings.resolved_database_url, label_trusted=["d1"], migrate=False)
     with session_scope(settings.resolved_database_url) as s:
         for i, shape in enumerate(shapes):
             window = encode_window(
@@ -55,6 +58,7 @@ def _add_samples(settings: CloudSettings, shapes: list[tuple[int, int]]) -> None
                 window=window,
                 label="high" if i % 2 else "low",
                 label_source="device",
+                label_trusted=True,
             )
         crud.add_sample(
             s,

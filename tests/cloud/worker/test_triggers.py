@@ -10,6 +10,7 @@ from cloud.registry import crud
 from cloud.registry.db import session_scope, upgrade
 from cloud.worker.triggers import check_and_fire, evaluate_triggers
 from shared.settings.cloud import Thresholds
+from tests.support.identities import enroll_fleet
 
 
 def _registry(tmp_path: Path) -> str:
@@ -87,6 +88,7 @@ def test_too_few_labelled_windows_is_not_drift(tmp_path: Path) -> None:
 
 def test_new_labelled_samples_and_periodic(tmp_path: Path) -> None:
     url = _registry(tmp_path)
+    enroll_fleet(url, label_trusted=["d1"], migrate=False)  # only trusted labellers' labels count
     with session_scope(url) as s:
         for i in range(3):
             crud.add_sample(
@@ -102,6 +104,7 @@ def test_new_labelled_samples_and_periodic(tmp_path: Path) -> None:
                 privacy="none",
                 label="normal",
                 label_source="device",
+                label_trusted=True,
             )
     with session_scope(url) as s:
         firings = evaluate_triggers(s, model_name="vib", thresholds=Thresholds(new_labelled_samples=3))
