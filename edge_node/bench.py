@@ -69,6 +69,8 @@ from shared.codec import encode_window, with_ts
 from shared.errors import BrokerError, EdgefleetError
 from shared.identity import HASH_ITERATIONS, IdentityKind, OperatorRole, broker_hash, new_secret
 from shared.mqtt import MqttLink
+from shared.mqtt_packets import DISCONNECT, connack_accepted, connect_packet, read_connack
+from shared.mqtt_packets import packet as packet_of
 from shared.pki import make_pki, write_private
 from shared.private_broker import (
     MosquittoOptions,
@@ -808,47 +810,23 @@ def _latency(
     return summary, len(measured), edge.peak_rss
 
 
-def _connect_packet(client_id: str, username: str | None, password: str | None) -> bytes:
-    """An MQTT 3.1.1 CONNECT packet (clean session), with a username and password when given."""
-
-    def text(value: str) -> bytes:
-        raw = value.encode()
-        return len(raw).to_bytes(2, "big") + raw
-
-    flags = 0x02 | (0xC0 if username is not None else 0)
-    body = text("MQTT") + bytes([4, flags]) + (30).to_bytes(2, "big") + text(client_id)
-    if username is not None:
-        body += text(username) + text(password or "")
-    length, remaining = b"", len(body)
-    while True:  # MQTT's variable-length "remaining length"
-        byte, remaining = remaining % 128, remaining // 128
-        length += bytes([byte | (0x80 if remaining else 0)])
-        if not remaining:
-            return b"\x10" + length + body
-
-
 def _login_ms(access: BrokerAccess, index: int, context: ssl.SSLContext | None) -> float:
     """One login, timed from the TCP connect (and TLS handshake) to the CONNACK, in ms."""
     identity = f"{PROBE_DEVICE}-{index:02d}"
     username, password = (identity, access.secrets[identity]) if access.secured else (None, None)
-    packet = _connect_packet(f"bench-probe-{index}", username, password)
+    packet = connect_packet(f"bench-probe-{index}", username=username, password=password)
     started = time.perf_counter()
     with socket.create_connection(("127.0.0.1", access.port), timeout=30) as raw:
         sock = context.wrap_socket(raw, server_hostname="127.0.0.1") if context is not None else raw
         try:
             sock.sendall(packet)
-            reply = b""
-            while len(reply) < 4:
-                chunk = sock.recv(4 - len(reply))
-                if not chunk:
-                    break
-                reply += chunk
+            reply = read_connack(sock)
             elapsed = (time.perf_counter() - started) * 1000.0
-            if len(reply) < 4 or reply[0] != 0x20 or reply[3] != 0:
+            if not connack_accepted(reply):
                 raise click.ClickException(
                     f"{access.variant}: the broker refused {identity}'s login ({reply!r})"
                 )
-            sock.sendall(b"\xe0\x00")  # DISCONNECT
+            sock.sendall(packet_of(DISCONNECT, b""))
         finally:
             if sock is not raw:
                 sock.close()

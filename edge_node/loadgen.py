@@ -47,24 +47,25 @@ import numpy as np
 from edge_node import synthetic
 from shared.codec import encode_window, with_ts
 from shared.errors import SchemaError
+from shared.mqtt_packets import (
+    CONNACK,
+    DISCONNECT,
+    PINGREQ,
+    PINGRESP,
+    PUBACK,
+    PUBLISH,
+    QOS1,
+    SUBACK,
+    SUBSCRIBE,
+    connect_packet,
+    packet,
+    utf8,
+)
 from shared.schemas import AckStatus, Command, CommandAck, decode_message, encode_message
 from shared.topics import Topics
 
 logger = logging.getLogger(__name__)
 
-# MQTT 3.1.1 fixed-header first bytes (type << 4 | flags).
-CONNECT: Final = 0x10
-CONNACK: Final = 0x20
-PUBLISH: Final = 0x30
-PUBACK: Final = 0x40
-SUBSCRIBE: Final = 0x82  # flags 0b0010 are mandatory
-SUBACK: Final = 0x90
-PINGREQ: Final = 0xC0
-PINGRESP: Final = 0xD0
-DISCONNECT: Final = 0xE0
-PROTOCOL_LEVEL: Final = 4  # 3.1.1
-CLEAN_SESSION: Final = 0x02
-QOS1: Final = 1
 SUBACK_FAILURE: Final = 0x80
 MAX_PACKET_ID: Final = 65535
 
@@ -92,46 +93,19 @@ def device_ids(count: int, prefix: str = DEVICE_PREFIX) -> list[str]:
 
 
 # -- packets ------------------------------------------------------------------------------------
-def _remaining_length(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        n, digit = n >> 7, n & 0x7F
-        out.append(digit | (0x80 if n else 0))
-        if not n:
-            return bytes(out)
-
-
-def _utf8(value: str) -> bytes:
-    raw = value.encode()
-    return struct.pack("!H", len(raw)) + raw
-
-
-def _packet(first: int, body: bytes) -> bytes:
-    return bytes([first]) + _remaining_length(len(body)) + body
-
-
-def connect_packet(client_id: str, *, keepalive_s: int = KEEPALIVE_S, clean: bool = True) -> bytes:
-    """CONNECT (MQTT 3.1.1, no credentials, no will)."""
-    flags = CLEAN_SESSION if clean else 0
-    return _packet(
-        CONNECT,
-        _utf8("MQTT") + bytes([PROTOCOL_LEVEL, flags]) + struct.pack("!H", keepalive_s) + _utf8(client_id),
-    )
-
-
 def publish_packet(topic: str, payload: bytes, packet_id: int) -> bytes:
     """PUBLISH at QoS 1 (not retained)."""
-    return _packet(PUBLISH | QOS1 << 1, _utf8(topic) + struct.pack("!H", packet_id) + payload)
+    return packet(PUBLISH | QOS1 << 1, utf8(topic) + struct.pack("!H", packet_id) + payload)
 
 
 def subscribe_packet(packet_id: int, topic_filter: str, qos: int = QOS1) -> bytes:
     """SUBSCRIBE to one filter."""
-    return _packet(SUBSCRIBE, struct.pack("!H", packet_id) + _utf8(topic_filter) + bytes([qos]))
+    return packet(SUBSCRIBE, struct.pack("!H", packet_id) + utf8(topic_filter) + bytes([qos]))
 
 
 def puback_packet(packet_id: int) -> bytes:
     """PUBACK of a received QoS 1 PUBLISH."""
-    return _packet(PUBACK, struct.pack("!H", packet_id))
+    return packet(PUBACK, struct.pack("!H", packet_id))
 
 
 async def read_packet(reader: asyncio.StreamReader) -> tuple[int, bytes]:
@@ -366,7 +340,7 @@ class SimDevice:
             if delay > 0:
                 await asyncio.sleep(delay)
             if wake < due:  # idle for half the keepalive: the broker must hear from us
-                self._write(_packet(PINGREQ, b""))
+                self._write(packet(PINGREQ, b""))
                 self.stats.pings += 1
                 continue
             self.send(seq, payload)
@@ -379,7 +353,7 @@ class SimDevice:
         self.closing = True
         if self.writer is not None and not self.writer.is_closing():
             if graceful:
-                self._write(_packet(DISCONNECT, b""))
+                self._write(packet(DISCONNECT, b""))
             with contextlib.suppress(OSError, RuntimeError):
                 self.writer.close()
                 await self.writer.wait_closed()

@@ -41,6 +41,8 @@ from cloud.broker.config import (
 from cloud.broker.sync import INTERNAL_HASH_ITERATIONS, RELOAD_CONFIRM_S, AuthSync, write_private
 from shared.errors import BrokerError
 from shared.identity import broker_hash, new_secret
+from shared.mqtt_packets import DISCONNECT, connack_accepted, connect_packet, read_connack
+from shared.mqtt_packets import packet as mqtt_packet
 from shared.private_broker import mosquitto_binary, terminate, wait_port
 from shared.settings.base import MqttSettings
 from shared.settings.cloud import CloudSettings
@@ -267,7 +269,9 @@ class BrokerRunner:
         has loaded the files written with it). A raw MQTT CONNECT, then DISCONNECT."""
         listener = self.layout.claims_listener
         port = self.layout.port_of(listener)
-        packet = mqtt_connect_packet(f"{SYNC_USER}-{os.getpid()}", SYNC_USER, marker)
+        packet = connect_packet(
+            f"{SYNC_USER}-{os.getpid()}", keepalive_s=10, username=SYNC_USER, password=marker
+        )
         context = None
         if self.layout.tls is not None:
             context = ssl.create_default_context(cafile=str(self.layout.tls.ca))
@@ -325,39 +329,15 @@ class BrokerRunner:
         self.stop()
 
 
-def mqtt_connect_packet(client_id: str, username: str, password: str, keepalive_s: int = 10) -> bytes:
-    """An MQTT 3.1.1 CONNECT packet: clean session, username and password."""
-
-    def field(text: str) -> bytes:
-        raw = text.encode()
-        return len(raw).to_bytes(2, "big") + raw
-
-    body = field("MQTT") + bytes([4, 0xC2]) + keepalive_s.to_bytes(2, "big")
-    body += field(client_id) + field(username) + field(password)
-    length, remaining = b"", len(body)
-    while True:  # MQTT's variable-length "remaining length"
-        byte, remaining = remaining % 128, remaining // 128
-        length += bytes([byte | (0x80 if remaining else 0)])
-        if not remaining:
-            break
-    return b"\x10" + length + body
-
-
 def _connack_accepted(host: str, port: int, packet: bytes, context: ssl.SSLContext | None) -> bool:
     """Send ``packet`` (a CONNECT); whether the broker answered CONNACK "accepted"."""
     with socket.create_connection((host, port), timeout=PROBE_TIMEOUT_S) as raw:
         sock = context.wrap_socket(raw, server_hostname=host) if context is not None else raw
         try:
             sock.sendall(packet)
-            reply = b""
-            while len(reply) < 4:
-                chunk = sock.recv(4 - len(reply))
-                if not chunk:
-                    return False
-                reply += chunk
-            accepted = reply[0] == 0x20 and reply[3] == 0
+            accepted = connack_accepted(read_connack(sock))
             if accepted:
-                sock.sendall(b"\xe0\x00")  # DISCONNECT: no will, no "connection lost" noise
+                sock.sendall(mqtt_packet(DISCONNECT, b""))  # no will, no "connection lost" noise
             return accepted
         finally:
             if sock is not raw:

@@ -11,7 +11,6 @@ from pathlib import Path
 
 from edge_node.fleet_bench import fleet_broker_options
 from edge_node.loadgen import (
-    PUBLISH,
     device_ids,
     latency_summary,
     merge_results,
@@ -21,6 +20,7 @@ from edge_node.loadgen import (
     run_devices,
 )
 from edge_node.rules import RuleSpec
+from shared.mqtt_packets import PUBLISH
 from shared.private_broker import render_config
 from tests.support.brokers import Mosquitto
 from tests.support.edge_fixtures import (

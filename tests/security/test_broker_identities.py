@@ -27,6 +27,7 @@ from cloud.registry.db import session_scope
 from shared.codec import DEFAULT_MAX_PAYLOAD
 from shared.identity import MAX_EDGE_WORKERS, IdentityError, broker_hash, check_identity_id
 from shared.mqtt import LinkEvent, MqttLink, Received
+from shared.mqtt_packets import connect_packet
 from shared.private_broker import mosquitto_binary
 from shared.topics import DeviceTopic, EdgeTopic
 from tests.support.secure_broker import FAST_ITERATIONS, SecureBroker
@@ -90,15 +91,7 @@ def published(link: MqttLink, topic: str, payload: bytes, *, retain: bool = Fals
 
 def mqtt_connect_packet(client_id: str, username: str, password: str) -> bytes:
     """A raw MQTT 3.1.1 CONNECT (clean session, username and password)."""
-
-    def field(text: str) -> bytes:
-        raw = text.encode()
-        return len(raw).to_bytes(2, "big") + raw
-
-    body = field("MQTT") + bytes([4, 0xC2]) + (30).to_bytes(2, "big")
-    body += field(client_id) + field(username) + field(password)
-    assert len(body) < 128
-    return bytes([0x10, len(body)]) + body
+    return connect_packet(client_id, username=username, password=password)
 
 
 def raw_connect_reply(port: int, packet: bytes) -> bytes:

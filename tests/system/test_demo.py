@@ -19,6 +19,7 @@ import httpx
 import psutil
 import pytest
 
+from shared.mqtt_packets import connect_packet, read_connack
 from shared.private_broker import mosquitto_binary
 
 pytestmark = [
@@ -42,24 +43,10 @@ def _demo_argv(data_dir: Path, *extra: str) -> list[str]:
 def _connack_code(port: int, username: str | None = None, password: str | None = None) -> int:
     """The CONNACK return code the broker on ``port`` gives an MQTT 3.1.1 CONNECT (0: accepted, 5: not
     authorized), without a username when ``username`` is None."""
-
-    def field(text: str) -> bytes:
-        return len(text.encode()).to_bytes(2, "big") + text.encode()
-
-    flags = 0x02 | (0x80 if username is not None else 0) | (0x40 if password is not None else 0)
-    body = field("MQTT") + bytes([4, flags]) + (30).to_bytes(2, "big") + field("anonymous-probe")
-    body += (field(username) if username is not None else b"") + (
-        field(password) if password is not None else b""
-    )
-    assert len(body) < 128
+    packet = connect_packet("anonymous-probe", username=username, password=password)
     with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
-        sock.sendall(b"\x10" + bytes([len(body)]) + body)
-        reply = b""
-        while len(reply) < 4:
-            chunk = sock.recv(4 - len(reply))
-            if not chunk:
-                break
-            reply += chunk
+        sock.sendall(packet)
+        reply = read_connack(sock)
     assert reply[:2] == b"\x20\x02", reply
     return reply[3]
 
