@@ -284,7 +284,14 @@ class IngestStats:
 
 
 class Teacher:
-    """Pseudo-labels for uplinked windows: the production run's float32 model on LiteRT, per model name."""
+    """Pseudo-labels for uplinked windows: the production run's float32 model on LiteRT, per model name.
+
+    A window reaches the teacher as the device sent it; it becomes the teacher's input exactly as an
+    edge serving that model would make it (``cloud.learning.steps.model_input``: the model's signed
+    manifest, else its training config; reordered channels, per-series normalisation, pad/resample,
+    fitted statistics, through ``edge_node.preprocessing``). A window the model cannot take gets no
+    pseudo-label. Models trained before preprocessing was recorded keep their old contract: windows of
+    exactly the input shape, standardized with the recorded ``normalization``."""
 
     def __init__(self, database_url: str) -> None:
         self._url = database_url
@@ -294,7 +301,7 @@ class Teacher:
         loaded = self._models.get(model_name)
         if loaded is not None and time.monotonic() - loaded[0] < TEACHER_REFRESH_S:
             return loaded[1]
-        teacher = None
+        found: list[tuple[str, str, dict[str, Any] | None, dict[str, Any]]] = []
         with session_scope(self._url) as session:
             production = crud.production_model(session, name=model_name)
             if production is not None:
@@ -306,25 +313,46 @@ class Teacher:
                             crud.get_model_version(session, ref=f"{model_name}@r{production.run_id}-float32"),
                         )
                 for model in candidates:
-                    cfg = model.training_config or {}
-                    if model.artifact_path and Path(model.artifact_path).exists() and "normalization" in cfg:
-                        teacher = (
-                            model.artifact_path,
-                            cfg["normalization"],
-                            list(cfg.get("class_names", [])),
-                        )
-                        break
+                    cfg = dict(model.training_config or {})
+                    described = model.manifest or cfg.get("preprocessing") or "normalization" in cfg
+                    if model.artifact_path and Path(model.artifact_path).exists() and described:
+                        found.append((model.ref, model.artifact_path, model.manifest, cfg))
         runtime = None
-        if teacher is not None:
-            from cloud.learning.evaluation import LiteRTModel  # noqa: PLC0415  (numpy, LiteRT: only with a teacher)
-
-            path, norm, names = teacher
-            runtime = (LiteRTModel(Path(path).read_bytes(), num_threads=1), norm, names)
+        for ref, path, manifest, cfg in found:
+            runtime = self._runtime(ref, path, manifest, cfg)
+            if runtime is not None:
+                break
         self._models[model_name] = (time.monotonic(), runtime)
         return runtime
 
+    @staticmethod
+    def _runtime(ref: str, path: str, manifest: dict[str, Any] | None, cfg: dict[str, Any]) -> Any:
+        """(LiteRT model, its ``ModelInput``, class names) of a model version; None if it cannot teach."""
+        from cloud.learning.evaluation import LiteRTModel  # noqa: PLC0415  (numpy, LiteRT: only with a teacher)
+        from cloud.learning.steps import model_input  # noqa: PLC0415  (numpy: only with a teacher)
+
+        model = LiteRTModel(Path(path).read_bytes(), num_threads=1)
+        try:
+            feed = model_input(manifest, cfg, input_shape=model.input_shape)
+        except EdgefleetError as exc:
+            logger.warning("%s cannot teach: %s", ref, exc)
+            return None
+        if feed is None:
+            return None
+        if list(feed.spec.input_shape) != model.input_shape:
+            logger.warning(
+                "%s cannot teach: recorded input %s, the artifact takes %s",
+                ref,
+                list(feed.spec.input_shape),
+                model.input_shape,
+            )
+            return None
+        names = list(cfg.get("class_names") or (manifest or {}).get("class_names") or [])
+        return model, feed, names
+
     def label(self, model_name: str | None, window: bytes) -> tuple[str, float] | None:
-        """(class, confidence) from the teacher, or None when there is no teacher or window."""
+        """(class, confidence) from the teacher, or None when there is no teacher or window, or the
+        teacher's model cannot take the window (its shape or channels)."""
         if model_name is None:
             return None
         runtime = self._load(model_name)
@@ -332,13 +360,16 @@ class Teacher:
             return None
         import numpy as np  # noqa: PLC0415  (numpy: only to pseudo-label a window)
 
-        from cloud.learning.datasets import normalize  # noqa: PLC0415  (numpy: only to pseudo-label a window)
+        from edge_node.preprocessing import WindowRejectedError  # noqa: PLC0415  (numpy: only here)
 
-        model, norm, names = runtime
-        values = np.asarray(decode_window(window).values, dtype=np.float32)
-        if list(values.shape) != model.input_shape:
+        model, feed, names = runtime
+        decoded = decode_window(window)
+        try:
+            x = feed.window(np.asarray(decoded.values, dtype=np.float32), decoded.channels)
+        except WindowRejectedError as exc:
+            logger.debug("no pseudo-label for %s's window %d: %s", decoded.device_id, decoded.seq, exc)
             return None
-        probabilities = model.predict(normalize(values[np.newaxis], norm["mean"], norm["std"]))[0]
+        probabilities = model.predict(x[np.newaxis])[0]
         best = int(probabilities.argmax())
         return names[best], float(probabilities[best])
 

@@ -164,6 +164,7 @@ class Agent:
             raise
         self._started_at = time.monotonic()
         self.clock = SampleClock(s.rate_hz)
+        self._check_rows(s)
         self._threads = [
             threading.Thread(target=self._pump, name="agent-pump", daemon=True),
             threading.Thread(
@@ -392,7 +393,7 @@ class Agent:
                 lost,
             )
             clock.skip(skipped)
-            self.windower.reset()
+            self._reset_window()
             self.outbox.count_drop(DROP_FELL_BEHIND, lost)
             due = limit
         while due > 0:
@@ -400,7 +401,7 @@ class Agent:
             rows = self._read(sensor, count)
             if len(rows) != count:  # sensor failed: keep the clock moving, lose the partial window
                 clock.skip(count)
-                self.windower.reset()
+                self._reset_window()
                 break
             clock.taken += count
             due -= count
@@ -408,6 +409,26 @@ class Agent:
                 # ts = wall-clock time of the window's first sample (docs/telemetry-codec.md)
                 self._encode(window, sensor.label, clock.epoch_of(clock.taken - len(window)), out)
         return out
+
+    def _reset_window(self) -> None:
+        """Drop the partial window (a gap); a row-replaying sensor skips to its next row boundary."""
+        self.windower.reset()
+        if self.sensor is not None:
+            self.sensor.realign()
+
+    def _check_rows(self, s: AgentSettings) -> None:
+        """Warn when a row-replaying sensor's rows will not map one-to-one onto windows."""
+        row = self.sensor.row_length if self.sensor is not None else None
+        if row is not None and (s.window != row or s.effective_hop != s.window):
+            logger.warning(
+                "sensor %s replays rows of %d samples but window is %d, hop %d: windows will not be "
+                "one row each (set window: %d and no hop)",
+                s.sensor.kind,
+                row,
+                s.window,
+                s.effective_hop,
+                row,
+            )
 
     def _read(self, sensor: Sensor, count: int) -> list[Row]:
         try:
@@ -608,11 +629,14 @@ class Agent:
         if new.rate_hz != old.rate_hz:
             # Samples at two rates never share a window: start a fresh clock and window.
             self.clock = SampleClock(new.rate_hz)
-            self.windower.reset()
+            self._reset_window()
             if self.sensor is not None:
                 self.sensor.set_rate(new.rate_hz)
         if (new.window, new.effective_hop) != (old.window, old.effective_hop):
             self.windower = Windower(new.window, new.effective_hop)
+            if self.sensor is not None:
+                self.sensor.realign()
+            self._check_rows(new)
         if (new.outbox_max_windows, new.outbox_max_age_s) != (old.outbox_max_windows, old.outbox_max_age_s):
             if self.outbox is not None:
                 self.outbox.max_windows = new.outbox_max_windows

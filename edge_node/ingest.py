@@ -1,4 +1,6 @@
-"""Where a telemetry message is decoded: codec, shape check, dedup by (device, seq), dead letters.
+"""Where a telemetry message is decoded: codec, shape check (or, when the active model's manifest
+has ``preprocessing``, conversion to its input: ``edge_node.preprocessing``), dedup by
+(device, seq), dead letters.
 
 Nothing here raises for bad input: every rejected payload becomes a ``DeadLetter`` (published on
 the edge's ``dead`` topic, rate limited, and always counted by reason).
@@ -17,10 +19,11 @@ from typing import Any, Final
 
 import numpy as np
 
+from edge_node.preprocessing import InputSpec, WindowRejectedError, prepare_window
 from shared.codec import DESCRIPTOR_CACHE_MAX_BYTES, WindowDecoder, WindowView
 from shared.errors import CodecError, TopicError
 from shared.mqtt import Received
-from shared.schemas import DeadLetter, encode_message
+from shared.schemas import DeadLetter, ModelManifest, encode_message
 from shared.topics import DeviceTopic, Topics
 
 logger = logging.getLogger(__name__)
@@ -184,7 +187,7 @@ class Ingest:
         topics: Topics,
         dedup: Deduplicator,
         dead_letters: DeadLetters,
-        expected_input: Callable[[], tuple[list[int], list[str] | None] | None],
+        expected_input: Callable[[], ModelManifest | None],
         *,
         decoder_cache_bytes: int = DESCRIPTOR_CACHE_MAX_BYTES,
     ) -> None:
@@ -192,6 +195,8 @@ class Ingest:
         self.dedup = dedup
         self.dead = dead_letters
         self._expected_input = expected_input
+        # The input spec of the last manifest seen (rebuilt when the active model changes).
+        self._spec: tuple[ModelManifest, InputSpec] | None = None
         self.duplicates = 0
         self.stale = 0
         self.accepted = 0
@@ -243,9 +248,15 @@ class Ingest:
             )
             return None
         values: Any = window.values
-        expected = self._expected_input()
-        if expected is not None:
-            shape, channels = expected
+        manifest = self._expected_input()
+        if manifest is not None and manifest.preprocessing is not None:
+            try:
+                values = prepare_window(values, window.channels, self._spec_of(manifest))
+            except WindowRejectedError as exc:
+                self.dead.reject(msg.topic, msg.payload, exc.kind, str(exc))
+                return None
+        elif manifest is not None:
+            shape, channels = manifest.input_shape, manifest.channels
             if list(values.shape) != shape:
                 self.dead.reject(
                     msg.topic,
@@ -272,3 +283,11 @@ class Ingest:
             return None
         self.accepted += 1
         return WindowItem(window, values, msg.payload, msg.received_at, msg)
+
+    def _spec_of(self, manifest: ModelManifest) -> InputSpec:
+        cached = self._spec  # read once: worker threads share it (a race only rebuilds it)
+        if cached is not None and cached[0] is manifest:
+            return cached[1]
+        spec = InputSpec.of(manifest)
+        self._spec = (manifest, spec)
+        return spec

@@ -44,6 +44,7 @@ from shared.mqtt import MqttLink, Publication, PublishHandle, Received
 from shared.redact import redact_url
 from shared.schemas import (
     Decision,
+    ModelManifest,
     OnlineState,
     encode_message,
 )
@@ -203,11 +204,13 @@ class EdgeNode(CloudPresence):
             self.cloud_topics.edge(self.edge_id, EdgeTopic.DEAD), payload, qos=self.settings.dead_letter_qos
         )
 
-    def _expected_input(self) -> tuple[list[int], list[str] | None] | None:
+    def _expected_input(self) -> ModelManifest | None:
+        """The active model's manifest: ingest checks windows against it, or converts them to its
+        input when it has ``preprocessing``."""
         model = self.holder.current
         if model is None:
             return None
-        return list(model.manifest.input_shape), model.manifest.channels
+        return model.manifest
 
     def _on_swap(self, model: ActiveModel) -> None:
         self.cache.clear()

@@ -16,6 +16,7 @@ from typing import Any, Final
 import numpy as np
 
 from edge_node.errors import BackendError, ModelError
+from edge_node.preprocessing import normalize_fitted
 from shared.schemas import ModelManifest
 from shared.settings.edge import RuntimeSettings
 
@@ -165,10 +166,13 @@ class ModelRunner:
             raise ModelError(f"{self.input_dtype.name} input without quantization parameters")
 
     def _prepare(self, batch: np.ndarray, size: int) -> np.ndarray:
-        """Normalise, quantize (int8/uint8 models) and pad to ``size`` rows, in few numpy calls."""
+        """Normalise, quantize (int8/uint8 models) and pad to ``size`` rows, in few numpy calls.
+
+        The rows are already the model's input (``edge_node.preprocessing.prepare_window`` at
+        ingest); only the fitted normalisation is left, the same function the cloud trains with."""
         x = batch
         if self._mean is not None and self._std is not None:
-            x = (x - self._mean) / self._std
+            x = normalize_fitted(x, self._mean, self._std)
         if self._in_q is not None:
             scale, zero = self._in_q
             info = np.iinfo(self.input_dtype)

@@ -23,6 +23,10 @@ BENCHMARKS: Final[dict[str, tuple[str, str]]] = {
         "cloud.bench.rollout:bench_rollout",
         "Rollout to N edges: time to all serving, lost windows; --security: on broker run, auth, TLS.",
     ),
+    "learn": (
+        "cloud.bench.learn:bench_learn",
+        "Real data (aeon UCR/UEA): CV model selection on Celery workers, int8 test accuracy vs published.",
+    ),
     "console": (
         "cloud.bench.console:bench_console",
         "Console fleet page over N devices: time to first byte (p50/p95/max) vs /healthz.",

@@ -1,4 +1,4 @@
-"""A private mosquitto on a free loopback port, for benchmarks, tests and the demo.
+"""A private mosquitto, or redis-server, on a free loopback port, for benchmarks, tests and the demo.
 
 One generated config (``set_tcp_nodelay true``: without it QoS1 round trips sit at 44-88 ms on
 loopback; a listener on 127.0.0.1 only; anonymous clients), a log file next to it, and a clear
@@ -8,6 +8,8 @@ loopback; a listener on 127.0.0.1 only; anonymous clients), a log file next to i
   out) / kill / ``restart`` on the same port and persistence directory; a context manager.
 - ``write_config``: the same config for a caller that runs the process itself (the demo's
   supervisor starts, kills and restarts mosquitto like any other child).
+- ``PrivateRedis``: a throwaway redis-server (no RDB, no AOF) for Celery's broker and results; a
+  context manager. ``redis_argv`` is its command line for a caller that runs the process itself.
 - ``free_port``, ``port_open``, ``wait_port``: the loopback-port helpers every launcher needs.
 
 Standard library only: ``shared`` is installed on devices.
@@ -40,6 +42,8 @@ CONFIG_NAME: Final = "mosquitto.conf"
 LOG_NAME: Final = "mosquitto.log"
 # Where Debian and source installs put the binary when /usr/sbin is not on PATH (non-root shells).
 _BINARY_PLACES: Final = ("/usr/sbin/mosquitto", "/usr/local/sbin/mosquitto")
+_REDIS_PLACES: Final = ("/usr/bin/redis-server", "/usr/local/bin/redis-server")
+REDIS_LOG_NAME: Final = "redis.log"
 _POLL_S: Final = 0.02
 
 
@@ -85,16 +89,29 @@ def mosquitto_binary() -> str | None:
     return None
 
 
-def terminate(proc: subprocess.Popen[bytes], timeout: float = STOP_TIMEOUT_S) -> None:
-    """SIGTERM a mosquitto (it saves its persistence file on the way out), SIGKILL if it ignores it
-    for ``timeout`` seconds; a process that has exited already is left alone."""
+def redis_binary() -> str | None:
+    """Path of the redis-server executable (PATH first, then /usr/bin and /usr/local/bin), or ``None``."""
+    found = shutil.which("redis-server")
+    if found:
+        return found
+    for candidate in _REDIS_PLACES:
+        if os.access(candidate, os.X_OK):
+            return candidate
+    return None
+
+
+def terminate(
+    proc: subprocess.Popen[bytes], timeout: float = STOP_TIMEOUT_S, *, name: str = "mosquitto"
+) -> None:
+    """SIGTERM a broker (mosquitto saves its persistence file on the way out), SIGKILL if it ignores
+    it for ``timeout`` seconds; a process that has exited already is left alone."""
     if proc.poll() is not None:
         return
     proc.terminate()
     try:
         proc.wait(timeout)
     except subprocess.TimeoutExpired:
-        logger.warning("mosquitto (pid %d) ignored SIGTERM for %g s: killing it", proc.pid, timeout)
+        logger.warning("%s (pid %d) ignored SIGTERM for %g s: killing it", name, proc.pid, timeout)
         proc.kill()
         proc.wait()
 
@@ -171,12 +188,64 @@ def write_config(
     return path
 
 
-class PrivateMosquitto:
+class _ChildServer:
+    """What the private servers share: a child process on a (free) loopback port, its work directory,
+    SIGTERM-then-SIGKILL on ``stop()``, usable as a context manager."""
+
+    server_name = "server"
+
+    def __init__(
+        self,
+        workdir: Path,
+        *,
+        port: int | None = None,
+        host: str = LOOPBACK,
+        binary: str | None = None,
+        start_timeout_s: float = START_TIMEOUT_S,
+    ) -> None:
+        self.workdir = workdir
+        self.port = port if port is not None else free_port(host)
+        self.host = host
+        self.binary = binary
+        self.start_timeout_s = start_timeout_s
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def running(self) -> bool:
+        """Whether the server process is alive."""
+        return self.proc is not None and self.proc.poll() is None
+
+    def start(self) -> None:
+        """Start the server and wait until it answers; ``BrokerError`` otherwise."""
+        raise NotImplementedError
+
+    def stop(self) -> None:
+        """Stop cleanly (SIGTERM, then SIGKILL after ``STOP_TIMEOUT_S``); a no-op when not running."""
+        proc, self.proc = self.proc, None
+        if proc is not None:
+            terminate(proc, name=self.server_name)
+
+    def __enter__(self) -> Self:
+        self.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+
+class PrivateMosquitto(_ChildServer):
     """A mosquitto child process on a generated config; ``restart()`` keeps its port and its state.
 
     ``with PrivateMosquitto(workdir) as broker: ... broker.url ...`` or ``start()`` / ``stop()``.
     Its output goes to ``workdir/mosquitto.log`` (appended across restarts).
     """
+
+    server_name = "mosquitto"
 
     def __init__(
         self,
@@ -188,13 +257,8 @@ class PrivateMosquitto:
         binary: str | None = None,
         start_timeout_s: float = START_TIMEOUT_S,
     ) -> None:
-        self.workdir = workdir
+        super().__init__(workdir, port=port, host=host, binary=binary, start_timeout_s=start_timeout_s)
         self.options = options
-        self.port = port if port is not None else free_port(host)
-        self.host = host
-        self.binary = binary
-        self.start_timeout_s = start_timeout_s
-        self.proc: subprocess.Popen[bytes] | None = None
 
     @property
     def url(self) -> str:
@@ -210,11 +274,6 @@ class PrivateMosquitto:
     def conf_path(self) -> Path:
         """The generated config file."""
         return self.workdir / CONFIG_NAME
-
-    @property
-    def running(self) -> bool:
-        """Whether the mosquitto process is alive."""
-        return self.proc is not None and self.proc.poll() is None
 
     def start(self) -> None:
         """Write the config, start mosquitto and wait until it listens; ``BrokerError`` otherwise."""
@@ -249,12 +308,6 @@ class PrivateMosquitto:
             self.proc = None
         raise BrokerError(f"mosquitto ({binary}) {problem}; {self.log_path}:\n{log_tail(self.log_path)}")
 
-    def stop(self) -> None:
-        """Stop cleanly (SIGTERM, then SIGKILL after ``STOP_TIMEOUT_S``); a no-op when not running."""
-        proc, self.proc = self.proc, None
-        if proc is not None:
-            terminate(proc)
-
     def kill(self) -> None:
         """SIGKILL: what a crash looks like (nothing saved since the last autosave)."""
         proc, self.proc = self.proc, None
@@ -269,14 +322,87 @@ class PrivateMosquitto:
             time.sleep(down_for)
         self.start()
 
-    def __enter__(self) -> Self:
-        self.start()
-        return self
 
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
-        self.stop()
+# -- redis-server ----------------------------------------------------------------------------------
+
+
+def redis_argv(
+    binary: str, *, port: int, workdir: Path, host: str = LOOPBACK, logfile: Path | None = None
+) -> list[str]:
+    """The command line of a throwaway redis-server: ``host:port`` only, nothing saved (no RDB
+    snapshots, no AOF), ``workdir`` as its directory; its log to ``logfile`` (default: stdout)."""
+    argv = [binary, "--port", str(port), "--bind", host, "--save", "", "--appendonly", "no"]
+    argv += ["--dir", str(workdir)]
+    if logfile is not None:
+        argv += ["--logfile", str(logfile)]
+    return argv
+
+
+def redis_ping(port: int, *, host: str = LOOPBACK, timeout: float = 0.5) -> bool:
+    """Whether a redis server answers PING on ``host:port`` (RESP over a plain socket)."""
+    try:
+        with socket.create_connection((host, port), timeout=timeout) as sock:
+            sock.sendall(b"*1\r\n$4\r\nPING\r\n")
+            return sock.recv(16).startswith(b"+PONG")
+    except OSError:
+        return False
+
+
+class PrivateRedis(_ChildServer):
+    """A redis-server child process on a free loopback port, nothing persisted: Celery's broker and
+    result backend for a benchmark, a test session or a demo run.
+
+    ``with PrivateRedis(workdir) as redis: ... redis.url ...`` or ``start()`` / ``stop()``. Its log
+    goes to ``workdir/redis.log``; a missing binary or a server that does not come up raises
+    ``BrokerError`` (with the log's last lines).
+    """
+
+    server_name = "redis-server"
+
+    @property
+    def url(self) -> str:
+        """The ``redis://host:port/0`` URL clients connect to."""
+        return f"redis://{self.host}:{self.port}/0"
+
+    @property
+    def log_path(self) -> Path:
+        """Where redis-server writes its log."""
+        return self.workdir / REDIS_LOG_NAME
+
+    def start(self) -> None:
+        """Start redis-server and wait until it listens; ``BrokerError`` otherwise."""
+        if self.running:
+            return
+        binary = self.binary or redis_binary()
+        if binary is None:
+            raise BrokerError(
+                "redis-server is not installed (not on PATH, not in /usr/bin or /usr/local/bin): "
+                "install it, e.g. apt-get install redis-server"
+            )
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        argv = redis_argv(
+            binary,
+            port=self.port,
+            workdir=self.workdir.resolve(),
+            host=self.host,
+            logfile=self.log_path.resolve(),
+        )
+        try:
+            self.proc = subprocess.Popen(argv)
+        except OSError as exc:
+            raise BrokerError(f"cannot run {binary}: {exc}") from exc
+        proc = self.proc
+        # PONG, not just an open port: another process may hold the port (then our server exits).
+        deadline = time.monotonic() + self.start_timeout_s
+        while proc.poll() is None and time.monotonic() < deadline:
+            if redis_ping(self.port, host=self.host):
+                logger.debug("redis-server (pid %d) answers on %s:%d", proc.pid, self.host, self.port)
+                return
+            time.sleep(_POLL_S)
+        if proc.poll() is None:
+            self.stop()
+            problem = f"did not listen on {self.host}:{self.port} within {self.start_timeout_s:g} s"
+        else:
+            problem = f"exited with code {proc.returncode} before listening on {self.host}:{self.port}"
+            self.proc = None
+        raise BrokerError(f"redis-server ({binary}) {problem}; {self.log_path}:\n{log_tail(self.log_path)}")

@@ -21,8 +21,10 @@ from pydantic import (
     ConfigDict,
     Field,
     JsonValue,
+    SerializerFunctionWrapHandler,
     TypeAdapter,
     ValidationError,
+    model_serializer,
     model_validator,
 )
 
@@ -567,8 +569,39 @@ class Normalization(BaseModel):
         return self
 
 
+PER_SERIES_STD_FLOOR: Final = 1e-8  # a flat channel normalises to zeros, not to inf/NaN
+
+
+class Preprocessing(BaseModel):
+    """How a raw window becomes the model's input, applied identically by the cloud (training,
+    evaluation, int8 calibration) and the edge (``edge_node.preprocessing.prepare_window``).
+
+    In order: channels are reordered by name to ``ModelManifest.channels`` (other names are
+    rejected); ``per_series`` z-normalises each channel over the window's own samples (std floored
+    at ``PER_SERIES_STD_FLOOR``); the length policy brings the window to ``input_shape[0]`` samples:
+    ``exact`` accepts only that length, ``pad`` appends ``pad_value`` to a shorter window (a longer
+    one up to ``max_input_length`` is cut to the input length, anything longer is rejected),
+    ``resample`` interpolates linearly to the input length. ``fitted`` normalisation is the
+    manifest's ``normalization`` (mean/std per channel of the training inputs), applied last, by
+    the model runner, after the length policy."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+    normalize: Literal["none", "fitted", "per_series"]
+    length: Literal["exact", "pad", "resample"] = "exact"
+    pad_value: float = 0.0
+    max_input_length: Annotated[int, Field(gt=0)] | None = Field(
+        default=None,
+        description="the longest window accepted (pad: longer than the input length is cut to it; "
+        "None: the input length for pad, any length for resample)",
+    )
+
+
 class ModelManifest(Message):
-    """Describes one model artifact; signed by the cloud (ed25519 over ``signing_bytes``)."""
+    """Describes one model artifact; signed by the cloud (ed25519 over ``signing_bytes``).
+
+    ``preprocessing`` is left out of the JSON when ``None``, so manifests signed before the field
+    existed keep the same canonical bytes and their signatures still verify."""
 
     type: Literal["model_manifest"] = "model_manifest"
     name: Annotated[str, Field(min_length=1, max_length=64)]
@@ -587,6 +620,7 @@ class ModelManifest(Message):
     normalization: Normalization | None = None
     sample_rate_hz: float | None = None
     channels: list[str] | None = None
+    preprocessing: Preprocessing | None = None
     metrics: dict[str, float] = Field(default_factory=dict)
     parent_version: str | None = None
     dataset_id: str | None = None
@@ -601,7 +635,41 @@ class ModelManifest(Message):
             raise ValueError("output_shape must be non-empty positive dimensions (no batch dimension)")
         if self.output_shape[-1] != len(self.class_names):
             raise ValueError("output_shape[-1] must equal the number of class_names")
+        # Older manifests (no preprocessing) were never checked for this: they stay valid.
+        channels_differ = self.channels is not None and len(self.channels) != self.input_shape[-1]
+        if channels_differ and self.preprocessing is not None:
+            raise ValueError(
+                f"channels {self.channels} do not match input_shape[-1] = {self.input_shape[-1]}"
+            )
+        if self.preprocessing is not None:
+            self._check_preprocessing(self.preprocessing)
         return self
+
+    def _check_preprocessing(self, pre: Preprocessing) -> None:
+        # Fitted statistics and the policy must agree, or the runner would normalise twice or never.
+        if pre.normalize == "fitted" and self.normalization is None:
+            raise ValueError("preprocessing.normalize 'fitted' needs the manifest's normalization")
+        if pre.normalize != "fitted" and self.normalization is not None:
+            raise ValueError(f"preprocessing.normalize {pre.normalize!r} excludes a fitted normalization")
+        if pre.length != "exact" and len(self.input_shape) != 2:
+            raise ValueError(f"preprocessing.length {pre.length!r} needs (time, channels) inputs")
+        if pre.normalize == "per_series" and len(self.input_shape) != 2:
+            raise ValueError("preprocessing.normalize 'per_series' needs (time, channels) inputs")
+        if pre.max_input_length is not None:
+            if pre.length == "exact":
+                raise ValueError("preprocessing.max_input_length needs length 'pad' or 'resample'")
+            if pre.length == "pad" and pre.max_input_length < self.input_shape[0]:
+                raise ValueError(
+                    f"preprocessing.max_input_length {pre.max_input_length} is below the input "
+                    f"length {self.input_shape[0]}"
+                )
+
+    @model_serializer(mode="wrap")
+    def _omit_absent_preprocessing(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        data: dict[str, Any] = handler(self)
+        if self.preprocessing is None:
+            data.pop("preprocessing", None)
+        return data
 
     @property
     def ref(self) -> str:

@@ -14,14 +14,13 @@ A missing service FAILS the test (never skips): CI must not pass by testing less
 from __future__ import annotations
 
 import os
-import shutil
 from collections.abc import Generator, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pytest
 
-from shared.private_broker import mosquitto_binary
+from shared.private_broker import mosquitto_binary, redis_binary
 from tests.support.brokers import ADMIN_POSTGRES_URL, Mosquitto, PostgresDatabase, RedisServer
 from tests.support.browser import launch_browser, open_page, remember_report
 
@@ -42,7 +41,7 @@ def mosquitto(tmp_path: Path) -> Iterator[Mosquitto]:
 
 @pytest.fixture(scope="session")
 def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
-    if shutil.which("redis-server") is None and not Path("/usr/bin/redis-server").exists():
+    if redis_binary() is None:
         pytest.fail("redis-server is not installed: scripts/setup installs it with apt-get")
     server = RedisServer(workdir=tmp_path_factory.mktemp("redis"))
     server.start()

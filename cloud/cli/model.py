@@ -23,6 +23,9 @@ from cloud.cli.common import (
 from shared.errors import EdgefleetError
 from shared.settings.cloud import CloudSettings
 
+DEFAULT_FOLDS = 3  # cloud.learning.selection.DEFAULT_FOLDS (not imported: numpy, for --help)
+WORKER_WAIT_S = 60.0  # --select: how long to wait for a Celery worker to answer
+
 
 @click.group()
 def model() -> None:
@@ -49,7 +52,10 @@ def _pipeline_config(**fields: Any) -> Any:
 @model.command()
 @config_option
 @click.option(
-    "--dataset", default="vibration", show_default=True, help="digits | vibration | basicmotions | PATH.npz"
+    "--dataset",
+    default="vibration",
+    show_default=True,
+    help="digits | vibration | basicmotions | aeon:NAME | PATH.npz",
 )
 @click.option("--name", "model_name", default=None, help="model name (default: the dataset name)")
 @click.option("--epochs", type=int, default=None)
@@ -65,6 +71,25 @@ def _pipeline_config(**fields: Any) -> Any:
     help="a PipelineConfig JSON/YAML file (overridden by the options above)",
 )
 @click.option("--celery", "use_celery", is_flag=True, help="run on the Celery workers instead of in-process")
+@click.option(
+    "--select",
+    is_flag=True,
+    help="first choose the training config by k-fold cross-validation on the train split: each "
+    "trial is a Celery task (start `edgefleet cloud worker`), this command waits and prints the "
+    "candidates' CV scores, then trains the chosen one (--epochs caps every candidate)",
+)
+@click.option(
+    "--select-budget-s",
+    type=click.FloatRange(min=0, min_open=True),
+    default=None,
+    help="with --select: the search's time budget (trials not started by then are skipped)",
+)
+@click.option(
+    "--folds",
+    type=click.IntRange(min=2),
+    default=None,
+    help=f"with --select: cross-validation folds (default {DEFAULT_FOLDS}; fewer if a class is small)",
+)
 def train(  # noqa: PLR0917 - click passes options positionally
     config_file: Path | None,
     dataset: str,
@@ -77,10 +102,18 @@ def train(  # noqa: PLR0917 - click passes options positionally
     include_samples: bool,
     pipeline_config: Path | None,
     use_celery: bool,
+    select: bool,
+    select_budget_s: float | None,
+    folds: int | None,
 ) -> None:
-    """Train -> compress -> evaluate -> gate -> sign -> publish, recorded in the registry."""
+    """Train -> compress -> evaluate -> gate -> sign -> publish, recorded in the registry.
+
+    With --select, a model-selection search on the Celery workers picks the run's training config
+    first; the run's config records the search's id (selection_search_id)."""
     from cloud.learning.pipeline import PipelineConfig  # noqa: PLC0415  (numpy and the learning code: only to train)
 
+    if not select and (select_budget_s is not None or folds is not None):
+        raise click.UsageError("--select-budget-s and --folds go with --select")
     settings = settings_from(config_file)
     _ensure_db(settings)
     base: dict[str, Any] = {}
@@ -99,10 +132,122 @@ def train(  # noqa: PLR0917 - click passes options positionally
     if variants:
         base.setdefault("compression", {})["variants"] = list(variants)
     config = PipelineConfig.model_validate(base)
+    if select:
+        config = _select_training(
+            settings, config, folds=folds or DEFAULT_FOLDS, budget_s=select_budget_s, epochs=epochs
+        )
     if use_celery:
         _train_on_celery(settings, config)
     else:
         _train_in_process(settings, config)
+
+
+def _select_training(
+    settings: CloudSettings, config: Any, *, folds: int, budget_s: float | None, epochs: int | None
+) -> Any:
+    """Run a model-selection search for ``config``'s dataset from this process (its trials are
+    ``cv_trial`` tasks on the Celery workers; never from inside a task, which would wait on a worker
+    it occupies), print the candidates' CV scores and return ``config`` with the chosen candidate as
+    its ``training`` section and the search's id as ``selection_search_id``."""
+    from cloud.learning import selection  # noqa: PLC0415  (numpy and the learning code: only to train)
+    from cloud.learning.pipeline import PipelineConfig  # noqa: PLC0415  (numpy and the learning code: only to train)
+    from cloud.worker import tasks  # noqa: PLC0415  (Celery and the learning tasks: only to train)
+    from cloud.worker.app import app as celery_app  # noqa: PLC0415  (Celery: only to train)
+
+    if config.dataset == "samples":
+        raise click.ClickException(
+            "--select needs a dataset (a built-in, aeon:NAME or an .npz file), not 'samples'"
+        )
+    console = get_console()
+    if config.include_samples:
+        console.print("note: the search scores the dataset alone; uplinked samples join the run's own fit")
+    normalize = config.preprocessing.normalize
+    try:
+        x, y, n_classes = selection.load_train_part(config.dataset, seed=config.seed, normalize=normalize)
+    except EdgefleetError as exc:
+        raise fail(exc) from exc
+    candidates = selection.candidates_for(list(x.shape[1:]), len(y), n_classes, seed=config.seed)
+    if epochs:
+        candidates = [
+            c.model_copy(update={"config": c.config.model_copy(update={"epochs": epochs})})
+            for c in candidates
+        ]
+    _wait_for_workers(settings, celery_app)
+    console.print(
+        f"model selection on {config.dataset}: {len(candidates)} candidates x {folds} folds"
+        f" on the Celery workers, budget {f'{budget_s:g} s' if budget_s else 'none'}"
+    )
+    try:
+        search = tasks.run_search(
+            dataset=config.dataset,
+            candidates=candidates,
+            folds=folds,
+            seed=config.seed,
+            budget_s=budget_s,
+            normalize=normalize,
+            name=f"model train: {config.model_name}",
+        )
+    except EdgefleetError as exc:
+        raise fail(exc) from exc
+    console.print(_scores_table(search))
+    chosen = search.best_candidate
+    if chosen is None:
+        raise click.ClickException(
+            f"model selection search {search.search_id}: no trial finished ({search.status_counts()}); "
+            "are the workers up? a larger --select-budget-s?"
+        )
+    best = search.best_score
+    assert best is not None
+    assert best.mean_accuracy is not None
+    console.print(
+        f"search {search.search_id}: chose {chosen.name} (CV accuracy {best.mean_accuracy:.4f} over "
+        f"{best.folds_done} folds) in {search.seconds:.1f} s"
+    )
+    return PipelineConfig.model_validate(
+        {
+            **config.model_dump(mode="json"),
+            "training": chosen.config.model_dump(mode="json"),
+            "selection_search_id": search.search_id,
+        }
+    )
+
+
+def _wait_for_workers(settings: CloudSettings, app: Any) -> None:
+    """Wait until a Celery worker answers a ping (up to ``WORKER_WAIT_S``); the SQLite transport has
+    no broadcast, so there the trials just queue until a worker takes them."""
+    if settings.resolved_broker_url.startswith("sqla+"):
+        return
+    deadline = time.monotonic() + WORKER_WAIT_S
+    while True:
+        try:
+            if app.control.ping(timeout=1.0):
+                return
+        except Exception as exc:  # kombu's connection errors vary by transport
+            raise click.ClickException(f"cannot reach the Celery broker: {exc}") from exc
+        if time.monotonic() >= deadline:
+            raise click.ClickException(
+                f"no Celery worker answered in {WORKER_WAIT_S:g} s: --select runs its trials on the "
+                "workers (edgefleet cloud worker)"
+            )
+
+
+def _scores_table(search: Any) -> Any:
+    from rich.table import Table  # noqa: PLC0415  (rich: only when printing)
+
+    table = Table(title=f"model selection search {search.search_id}: {search.folds}-fold CV accuracy")
+    for column in ("candidate", "CV accuracy", "std", "folds", "params", "seconds", ""):
+        table.add_column(column, justify="left" if column in ("candidate", "") else "right")
+    for score in search.scores:
+        table.add_row(
+            score.name,
+            f"{score.mean_accuracy:.4f}" if score.mean_accuracy is not None else "-",
+            f"{score.std_accuracy:.4f}" if score.std_accuracy is not None else "-",
+            f"{score.folds_done}/{score.folds}",
+            f"{score.params:,}" if score.params is not None else "-",
+            f"{score.seconds:.1f}",
+            "chosen" if score.candidate == search.best else "",
+        )
+    return table
 
 
 def _steps(config: Any) -> list[tuple[str, Any, tuple[Any, ...]]]:
@@ -357,6 +502,7 @@ def show(config_file: Path | None, ref: str) -> None:
             info["run"] = {
                 "state": run.state,
                 "trigger_id": run.trigger_id,
+                "selection_search_id": (run.config or {}).get("selection_search_id"),
                 "steps": [{"step": e.step, "model_version_id": e.model_version_id} for e in run.steps],
             }
     click.echo(json.dumps(info, indent=2, default=str))

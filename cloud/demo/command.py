@@ -45,8 +45,9 @@ from cloud.errors import DemoInterruptedError, SupervisorError
 @click.option(
     "--data-dir",
     type=click.Path(file_okay=False, path_type=Path),
-    default=Path("var/demo"),
-    show_default=True,
+    default=None,
+    help="where the registry, models and run state live  [default: var/demo; with --dataset: "
+    "var/demo-<dataset>, so that its registry and uplinked samples stay apart]",
 )
 @click.option("--reset", is_flag=True, help="start from an empty registry (train the first model again)")
 @click.option(
@@ -84,6 +85,14 @@ from cloud.errors import DemoInterruptedError, SupervisorError
     help="port of the web console on 127.0.0.1 (default: a free port); its sign-in link goes to stderr",
 )
 @click.option("--no-console", is_flag=True, help="do not start the web console")
+@click.option(
+    "--dataset",
+    default=None,
+    metavar="aeon:NAME|FILE.npz",
+    help="real data instead of simulated machines: the first model trains on the dataset's train split, "
+    "each device replays a labelled shard of its test split; drift: a class held out of the first "
+    "model's data joins the replay half-way (3 classes or more; docs/demo.md)",
+)
 def demo(  # noqa: PLR0917 - click passes every option
     devices: int,
     edges: int,
@@ -92,7 +101,7 @@ def demo(  # noqa: PLR0917 - click passes every option
     wait_recovery: float,
     headless: bool,
     as_json: bool,
-    data_dir: Path,
+    data_dir: Path | None,
     reset: bool,
     broker_kind: str,
     devices_in_one_process: bool,
@@ -100,14 +109,18 @@ def demo(  # noqa: PLR0917 - click passes every option
     scenario: str | None,
     console_port: int | None,
     no_console: bool,
+    dataset: str | None,
 ) -> None:
     """Run the whole topology here: broker, Redis/Celery, cloud worker/beat/ingest/console, edges, devices.
 
-    Trains the first model if there is none, rolls it out, streams, injects drift half-way, and lets
+    Trains the first model if there is none (a later run on the same data dir starts again from that
+    model: it is rolled back out to the edges), rolls it out, streams, injects drift half-way, and lets
     the learning loop recover. Prints the web console's one-time sign-in link on stderr. Ctrl-C
     stops every process it started. Exits 1 if windows were lost.
     """
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    if data_dir is None:
+        data_dir = Path("var/demo") if dataset is None else Path(f"var/demo-{rt.dataset_model_name(dataset)}")
     options = rt.DemoOptions(
         devices=devices,
         edges=edges,
@@ -122,7 +135,12 @@ def demo(  # noqa: PLR0917 - click passes every option
         deploy_mode=deploy_mode,
         console=not no_console,
         console_port=console_port,
+        dataset=dataset,
     )
+    if dataset is not None and scenario is not None:
+        raise click.UsageError(
+            "--dataset runs the learning loop on real data; it does not combine with --scenario"
+        )
     headless = headless or not sys.stdout.isatty()
     runner: Demo
     if scenario is not None:

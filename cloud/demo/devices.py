@@ -20,25 +20,39 @@ logger = logging.getLogger(__name__)
 
 
 def build(  # noqa: PLR0917 - the command line's options
-    config: Path, broker: str, data_dir: Path, count: int, seed: int, identities_dir: Path | None = None
+    config: Path,
+    broker: str,
+    data_dir: Path,
+    count: int,
+    seed: int,
+    identities_dir: Path | None = None,
+    replay: tuple[Path, float, int] | None = None,
 ) -> list[Agent]:
     """One ``Agent`` per demo device id, with the same seeds and faults as the per-process devices;
-    with ``identities_dir`` each logs in with its own bundle ``<identities_dir>/<device id>.json``."""
+    with ``identities_dir`` each logs in with its own bundle ``<identities_dir>/<device id>.json``;
+    with ``replay`` (directory, rate, window) each replays ``<directory>/<device id>-before.npz``."""
     agents = []
     for index, device_id in enumerate(device_ids(count)):
-        options: dict[str, object] = {"seed": seed * 1000 + index}
-        fault = CLASSES[index % len(CLASSES)]
-        if fault != "normal":
-            options["fault"] = fault
         identity: dict[str, object] = {}
         if identities_dir is not None:
             identity["enrollment_file"] = identities_dir / f"{device_id}.json"
+        sensor: dict[str, object]
+        if replay is not None:
+            directory, rate_hz, window = replay
+            sensor = {"kind": "replay", "options": {"path": str(directory / f"{device_id}-before.npz")}}
+            identity |= {"rate_hz": rate_hz, "window": window}
+        else:
+            options: dict[str, object] = {"seed": seed * 1000 + index}
+            fault = CLASSES[index % len(CLASSES)]
+            if fault != "normal":
+                options["fault"] = fault
+            sensor = {"kind": "simulated", "options": options}
         settings = load_settings(
             AgentSettings,
             config,
             device_id=device_id,
             broker={"url": broker},
-            sensor={"kind": "simulated", "options": options},
+            sensor=sensor,
             data_dir=data_dir,
             **identity,
         )
@@ -55,9 +69,19 @@ def main() -> None:
     parser.add_argument("--count", type=int, required=True)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--identities-dir", type=Path, default=None, help="the devices' enrollment bundles")
+    parser.add_argument("--replay-dir", type=Path, default=None, help="replay <dir>/<device id>-before.npz")
+    parser.add_argument("--rate", type=float, default=None, help="with --replay-dir: samples per second")
+    parser.add_argument("--window", type=int, default=None, help="with --replay-dir: the row length")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    agents = build(args.config, args.broker, args.data_dir, args.count, args.seed, args.identities_dir)
+    replay = None
+    if args.replay_dir is not None:
+        if args.rate is None or args.window is None:
+            parser.error("--replay-dir needs --rate and --window")
+        replay = (args.replay_dir, args.rate, args.window)
+    agents = build(
+        args.config, args.broker, args.data_dir, args.count, args.seed, args.identities_dir, replay
+    )
     stop = threading.Event()
 
     def on_signal(signum: int, _frame: FrameType | None) -> None:

@@ -37,13 +37,13 @@ def _on_signal(signum: int, _frame: FrameType | None) -> None:
     raise DemoInterruptedError(signal.Signals(signum).name)
 
 
-def _production(settings: Any) -> tuple[str | None, str | None, list[str]]:
+def _production(settings: Any, model_name: str) -> tuple[str | None, str | None, list[str]]:
     """(ref, version, deploy_edges of its run) of the production demo model, if any."""
     from cloud.registry import crud  # noqa: PLC0415  (SQLAlchemy: not for --help)
     from cloud.registry.db import session_scope  # noqa: PLC0415  (SQLAlchemy: not for --help)
 
     with session_scope(settings.resolved_database_url) as session:
-        model = crud.production_model(session, name=rt.MODEL_NAME)
+        model = crud.production_model(session, name=model_name)
         if model is None:
             return None, None, []
         run = crud.run_of(session, model=model)
@@ -51,23 +51,28 @@ def _production(settings: Any) -> tuple[str | None, str | None, list[str]]:
         return model.ref, model.version, edges
 
 
-def _pipeline_status(settings: Any) -> dict[str, Any]:
-    """Latest run, its last step, triggers fired and published versions (for the dashboard)."""
+def _pipeline_status(settings: Any, model_name: str, since: float = 0.0) -> dict[str, Any]:
+    """Latest run, its last step, retraining triggers fired since ``since`` (this run) and published
+    versions (for the dashboard and the summary)."""
     from cloud.registry import crud  # noqa: PLC0415  (SQLAlchemy: not for --help)
     from cloud.registry.db import session_scope  # noqa: PLC0415  (SQLAlchemy: not for --help)
 
     with session_scope(settings.resolved_database_url) as session:
         run = crud.latest_run(session)
-        triggers = crud.all_triggers(session)
+        triggers = [
+            t
+            for t in crud.all_triggers(session)
+            if t.ts >= since and t.model_name == model_name and t.kind != rt.RESTART_TRIGGER_KIND
+        ]
         published = [
             m.version
             for m in sorted(
-                crud.list_model_versions(session, name=rt.MODEL_NAME, limit=1000), key=lambda m: m.id
+                crud.list_model_versions(session, name=model_name, limit=1000), key=lambda m: m.id
             )
             if m.manifest is not None
         ]
         samples = crud.count_samples(session, labelled=True)
-        rollout = _latest_rollout(session)
+        rollout = _latest_rollout(session, model_name)
         return {
             "rollout": rollout,
             "run": None
@@ -84,12 +89,12 @@ def _pipeline_status(settings: Any) -> dict[str, Any]:
         }
 
 
-def _latest_rollout(session: Any) -> dict[str, Any] | None:
+def _latest_rollout(session: Any, model_name: str) -> dict[str, Any] | None:
     """The newest rollout of the demo model: id, model, state, wave (1-based) of waves, edge states."""
     from cloud.registry import fleet  # noqa: PLC0415  (SQLAlchemy: not for --help)
 
     for rollout in fleet.list_rollouts(session, limit=5):
-        if rollout.model.name == rt.MODEL_NAME:
+        if rollout.model.name == model_name:
             return {
                 "id": rollout.rollout_id,
                 "model": rollout.model.version,
@@ -125,6 +130,9 @@ class Demo:
         self._live: Any = None
         self.console_url: str | None = None
         self.broker_plan: rt.BrokerPlan | None = None
+        self.started_at = time.time()
+        self.restart: rt.Restart | None = None  # this run restarted from the bootstrap model
+        self.replay: rt.ReplayPlan | None = None  # --dataset: what the devices replay
 
     # -- output ------------------------------------------------------------------------------------
     def say(self, text: str) -> None:
@@ -227,6 +235,10 @@ class Demo:
         rt.start_broker(topo, plan)
         self.say(self._broker_line(topo, celery_kind))
         self._prepare_topology(topo)
+        if options.dataset is not None:
+            self._plan_replay(topo)
+        # Before any cloud service: beat must not carry an older run's rollout on to the edges.
+        self._restart_from_bootstrap(topo)
         self._start_cloud(topo)
         self._start_console(topo)
         self._start_dashboard()
@@ -243,7 +255,7 @@ class Demo:
         self._first_model()
         # Devices start once every edge serves (and so has subscribed): a broker keeps QoS1 messages
         # only for subscriptions that exist, so windows sent before that would be lost.
-        rt.start_devices(topo)
+        rt.start_devices(topo, self.replay)
         self._wait_devices()
         self._stream()
         return self._finish()
@@ -262,6 +274,47 @@ class Demo:
     def _prepare_topology(self, topo: rt.Topology) -> None:
         """Hook before anything is started on the topology (fault-injection scenarios use it)."""
 
+    def _plan_replay(self, topo: rt.Topology) -> None:
+        """``--dataset``: the devices' test-split shards and the bootstrap's data (``rt.plan_replay``)."""
+        self.phase = "preparing the dataset"
+        self.replay = plan = rt.plan_replay(topo)
+        drift = (
+            f"drift: class {plan.held_out!r} is held out of the bootstrap's data and joins the replay "
+            "half-way"
+            if plan.held_out is not None
+            else f"no drift: {plan.note}"
+        )
+        self.say(
+            f"demo: {self.options.dataset}: {plan.test_rows} test rows of {plan.row_length} samples, "
+            f"{len(plan.before)} replaying devices (a shard each, labelled, one row per window); {drift}"
+        )
+        if plan.held_out is None:
+            self.options.drift = 0.0
+
+    def _restart_from_bootstrap(self, topo: rt.Topology) -> None:
+        """A kept registry: put the bootstrap model back in production and on the edges, so that every
+        run shows the drop and the recovery (``rt.restart_from_bootstrap``)."""
+        dataset = str(self.replay.base_dataset) if self.replay is not None else "vibration"
+        # Runs an earlier demo left running would block every retraining trigger of this one.
+        rt.close_stale_runs(self.settings, model_name=self.options.model_name, reason="a new demo started")
+        found = rt.find_bootstrap(
+            self.settings, model_name=self.options.model_name, edge_ids=topo.edge_ids, dataset=dataset
+        )
+        if found is None:
+            return
+        ref, _ = found
+        self.restart = restart = rt.restart_from_bootstrap(
+            self.settings, model_name=self.options.model_name, bootstrap=ref, edge_ids=topo.edge_ids
+        )
+        what = f"production was {restart.replaced}" if restart.replaced else "it was production"
+        extra = (
+            f"; rollouts aborted: {', '.join(restart.rollouts_aborted)}" if restart.rollouts_aborted else ""
+        )
+        self.say(
+            f"demo: the registry is kept; restarting from the bootstrap model {ref} ({what}): promoted "
+            f"and sent to {', '.join(topo.edge_ids)} as signed desired state{extra}"
+        )
+
     def _start_cloud(self, topo: rt.Topology) -> None:
         rt.start_cloud(topo)
 
@@ -269,17 +322,21 @@ class Demo:
         topo, sup, settings = self.topo, self.sup, self.settings
         assert topo is not None
         assert sup is not None
-        ref, version, deployed_to = _production(settings)
-        if ref is not None and sorted(deployed_to) == sorted(topo.edge_ids):
+        model_name = self.options.model_name
+        ref, version, deployed_to = _production(settings, model_name)
+        if self.restart is not None:
+            ref, version = self.restart.model, self.restart.version  # published already
+        elif ref is not None and sorted(deployed_to) == sorted(topo.edge_ids):
             from cloud.fleet.desired_state import publish_desired_state  # noqa: PLC0415  (pydantic, paho: not for --help)
 
             self.say(f"demo: production model {ref} found; deploying it to {', '.join(topo.edge_ids)}")
             publish_desired_state(settings=settings, edge_ids=topo.edge_ids, model_ref=ref, actor="demo")
         else:
-            config = rt.pipeline_config_file(topo)
+            config = rt.pipeline_config_file(topo, self.replay.base_dataset if self.replay else None)
             self.say(f"demo: training the first model ({config}): train -> int8 -> gate -> sign -> publish")
             self.phase = "training first model"
             rt.start_cloud(topo, ("cloud-worker",))  # if a scenario started without it
+            # The config file has the sizes (a replayed dataset's training budget too).
             train = sup.start(
                 "train",
                 # On the Celery worker: it imports TensorFlow now, not when drift strikes.
@@ -290,10 +347,11 @@ class Demo:
                     "--celery",
                     "--pipeline-config",
                     str(config),
-                    "--n-windows",
-                    str(self.options.n_windows),
-                    "--epochs",
-                    str(self.options.epochs),
+                    # The command line's dataset and seed override the config file's (defaults included).
+                    "--dataset",
+                    str(self.replay.base_dataset) if self.replay else "vibration",
+                    "--seed",
+                    str(self.options.seed),
                 ],
                 env=topo.cloud_env,
             )
@@ -303,7 +361,7 @@ class Demo:
                 raise SupervisorError(
                     f"training the first model failed; {train.log_path}:\n{tail(train.log_path)}"
                 )
-            ref, version, _ = _production(settings)
+            ref, version, _ = _production(settings, model_name)
             if ref is None:
                 raise SupervisorError(f"the first model was not published; see {train.log_path}")
         self.first_version = version
@@ -370,6 +428,18 @@ class Demo:
         from shared.schemas import CommandName  # noqa: PLC0415  (pydantic: not for --help)
 
         assert self.topo is not None
+        if self.replay is not None:
+            # A switch to the held-out part, at each device's next row boundary.
+            for device_id in self.topo.device_ids:
+                args = {"sensor": {"options": {"path": str(self.replay.after[device_id])}}}
+                self.monitor.send_command(device_id, CommandName.SET_CONFIG, args)
+            self.drift_ts = time.time()
+            self.phase = f"class {self.replay.held_out} joined the replay"
+            self.say(
+                f"demo: drift: every device now replays all its test rows, class {self.replay.held_out!r} "
+                "(never seen by the bootstrap model) included; the loop must now recover by itself"
+            )
+            return
         args = {"sensor": {"options": {"drift": self.options.drift}}}
         for device_id in self.topo.device_ids:
             self.monitor.send_command(device_id, CommandName.SET_CONFIG, args)
@@ -384,7 +454,7 @@ class Demo:
         assert self.sup is not None
         rt.check_alive(self.sup)
         try:
-            self.status = _pipeline_status(self.settings)
+            self.status = _pipeline_status(self.settings, self.options.model_name, self.started_at)
         except Exception as exc:  # noqa: BLE001 - the registry may be locked for a moment
             logger.debug("pipeline status unavailable: %s", exc)
         if self.headless:
@@ -495,7 +565,7 @@ class Demo:
         from cloud.demo.monitor import PHASE_WINDOW_S, recovery_time  # noqa: PLC0415  (pydantic, paho: not for --help)
 
         m, options = self.monitor, self.options
-        status = _pipeline_status(self.settings)
+        status = _pipeline_status(self.settings, self.options.model_name, self.started_at)
         lost = tally.created - tally.pending - tally.dropped - windows
         points = m.points()
         first = self.first_version
@@ -556,8 +626,11 @@ class Demo:
                 "first": first,
                 "final_per_edge": m.edge_models(),
                 "published": status["published"],
+                # A kept registry: this run restarted from the bootstrap model, replacing this one.
+                "restarted_from_bootstrap": self.restart is not None,
+                "replaced_production": self.restart.replaced if self.restart else None,
             },
-            "drift": {"value": options.drift, "injected": self.drift_ts is not None},
+            "drift": self._drift_summary(),
             "accuracy": {
                 "before_drift": rnd(before),
                 "after_drift": rnd(after),
@@ -575,7 +648,24 @@ class Demo:
             "triggers": [{"kind": t["kind"], "reason": t["reason"]} for t in status["triggers"]],
             "labelled_samples": status["labelled_samples"],
             "console_url": self.console_url,
+            "dataset": None
+            if self.replay is None
+            else {
+                "spec": options.dataset,
+                "model_name": options.model_name,
+                "test_rows": self.replay.test_rows,
+                "row_length": self.replay.row_length,
+                "held_out_class": self.replay.held_out,
+            },
         }
+
+    def _drift_summary(self) -> dict[str, Any]:
+        drift: dict[str, Any] = {"value": self.options.drift, "injected": self.drift_ts is not None}
+        if self.replay is not None:
+            drift["kind"] = "held-out class" if self.replay.held_out is not None else "none"
+            if self.replay.note:
+                drift["note"] = self.replay.note
+        return drift
 
 
 def _rollout_text(rollout: dict[str, Any] | None, *, short: bool) -> str:

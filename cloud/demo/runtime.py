@@ -9,6 +9,7 @@ import contextlib
 import itertools
 import logging
 import os
+import re
 import shutil
 import signal
 import sqlite3
@@ -26,7 +27,7 @@ from cloud.demo.supervisor import Child, Supervisor, tail
 from cloud.errors import SupervisorError
 from device_agent.state import db_path
 from shared.identity import MAX_EDGE_WORKERS
-from shared.private_broker import free_port, mosquitto_binary, port_open
+from shared.private_broker import free_port, mosquitto_binary, port_open, redis_argv, redis_binary
 
 logger = logging.getLogger(__name__)
 
@@ -35,7 +36,7 @@ CLASSES = ("normal", "imbalance", "misalignment", "bearing_fault")
 # Run-scoped state is wiped at each start (simulated machines, edges, broker sessions); the
 # registry, datasets, models and keys under cloud/ are kept between runs.
 # Enrollment bundles (``identities``) are run-scoped too: every run reissues each identity's secret.
-RUN_SCOPED = ("broker", "redis", "edges", "devices", "logs", "identities")
+RUN_SCOPED = ("broker", "redis", "edges", "devices", "logs", "identities", "replay")
 # What the summary's ``broker_auth`` says: mosquitto under ``edgefleet broker run`` (users and ACLs from
 # the registry, one identity per process) or the embedded amqtt broker, which has no authentication.
 BROKER_AUTH_PER_IDENTITY = "per-identity"
@@ -82,6 +83,19 @@ class DemoOptions:
     deploy_mode: str = "rollout"  # how retrained models reach the edges: rollout | direct
     console: bool = True  # serve the web console (``edgefleet cloud api``) and print a sign-in link
     console_port: int | None = None  # default: a free port
+    dataset: str | None = None  # aeon:NAME or FILE.npz: devices replay its test split (default: simulated)
+
+    @property
+    def model_name(self) -> str:
+        """The registry name of the demo's model: ``vibration``, or one per replayed dataset."""
+        return MODEL_NAME if self.dataset is None else dataset_model_name(self.dataset)
+
+
+def dataset_model_name(spec: str) -> str:
+    """``aeon:GunPoint`` -> ``gunpoint``, ``/data/pumps.npz`` -> ``pumps`` (a valid model name)."""
+    name = spec.removeprefix("aeon:") if spec.startswith("aeon:") else Path(spec).stem
+    slug = re.sub(r"[^a-z0-9_.-]+", "-", name.lower()).strip("-._") or "dataset"
+    return slug[:64]
 
 
 @dataclass
@@ -288,28 +302,12 @@ def _redis_answers(url: str) -> bool:
 
 def start_celery_transport(sup: Supervisor, options: DemoOptions) -> tuple[dict[str, str], str]:
     """A private redis-server when installed; else EDGEFLEET_REDIS_URL if it answers; else SQLite."""
-    binary = shutil.which("redis-server") or (
-        "/usr/bin/redis-server" if os.access("/usr/bin/redis-server", os.X_OK) else None
-    )
+    binary = redis_binary()
     if binary is not None:
         port = free_port()
         workdir = (options.data_dir / "redis").resolve()
-        child = sup.start(
-            "redis",
-            [
-                binary,
-                "--port",
-                str(port),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-                "--dir",
-                str(workdir),
-            ],
-        )
+        workdir.mkdir(parents=True, exist_ok=True)
+        child = sup.start("redis", redis_argv(binary, port=port, workdir=workdir))
         sup.wait_port(child, port)
         url = f"redis://127.0.0.1:{port}/0"
         return {"EDGEFLEET_REDIS_URL": url}, f"redis (private, {url})"
@@ -345,8 +343,10 @@ def cloud_env(options: DemoOptions, plan: BrokerPlan, celery: dict[str, str]) ->
         "EDGEFLEET_ARTIFACT_BASE_URL": "",
         "EDGEFLEET_THRESHOLDS__TRIGGER_CHECK_S": str(options.trigger_check_s),
         "EDGEFLEET_THRESHOLDS__MIN_METRICS_WINDOWS": "100",
-        # The demo shows the drift trigger; the sample-count trigger would retrain before drift.
+        # The demo shows the drift trigger; the sample-count trigger would retrain before drift, and
+        # the periodic one (a day by default) would retrain a registry's older model during a run.
         "EDGEFLEET_THRESHOLDS__NEW_LABELLED_SAMPLES": "1000000",
+        "EDGEFLEET_THRESHOLDS__PERIODIC_RETRAIN_S": str(10 * 365 * 86400),
         "EDGEFLEET_ROLLOUT_TICK_S": str(ROLLOUT_TICK_S),
         **celery,
     }
@@ -453,19 +453,279 @@ DEMO_DEPLOY: dict[str, Any] = {
 ROLLOUT_TICK_S = 1.0  # beat's rollout tick (EDGEFLEET_ROLLOUT_TICK_S; 2 s by default)
 
 
-def pipeline_config_file(topo: Topology) -> Path:
-    """deploy/config/bootstrap-pipeline.yaml with the demo's size and its edges to deploy to."""
+# The bootstrap model of a replayed dataset: the small-data recipe on a short budget (the loop retrains
+# it anyway).
+DATASET_TRAINING_MAX_S = 120.0
+
+
+def dataset_training(dataset_path: Path) -> dict[str, Any]:
+    """The ``training`` section for a replayed dataset: ``training.recipe_for`` its train rows."""
+    from cloud.learning import datasets, training  # noqa: PLC0415  (numpy: only with --dataset)
+
+    dataset = datasets.load_npz(dataset_path)
+    n_train = int((dataset.split == datasets.TRAIN).sum()) if dataset.split is not None else len(dataset.y)
+    length, channels = dataset.input_shape[0], dataset.input_shape[-1]
+    recipe = training.recipe_for(n_train, length, channels, max_seconds=DATASET_TRAINING_MAX_S)
+    return recipe.model_dump(mode="json")
+
+
+def pipeline_config_file(topo: Topology, dataset_path: Path | None = None) -> Path:
+    """deploy/config/bootstrap-pipeline.yaml with the demo's size and its edges to deploy to; with a
+    replayed dataset, its bootstrap data (``dataset_path``) and a short training budget."""
     source = config_dir() / "bootstrap-pipeline.yaml"
     config: dict[str, Any] = yaml.safe_load(source.read_text()) or {}
-    config["model_name"] = MODEL_NAME
+    config["model_name"] = topo.options.model_name
     config["n_windows"] = topo.options.n_windows
     config["seed"] = topo.options.seed
     config.setdefault("training", {})["epochs"] = topo.options.epochs
+    if dataset_path is not None:
+        config["dataset"] = str(dataset_path.resolve())
+        config["training"] = dataset_training(dataset_path)
     config["deploy_edges"] = list(topo.edge_ids)
     config["deploy"] = {**DEMO_DEPLOY, "mode": topo.options.deploy_mode}
     path = topo.cloud_dir / "demo-pipeline.yaml"
     path.write_text(yaml.safe_dump(config, sort_keys=False))
     return path
+
+
+# -- every run starts from the bootstrap model ----------------------------------------------------------
+
+RESTART_TRIGGER_KIND = "restart"  # recorded when a run restarts from the bootstrap model (not a retrain)
+
+
+def find_bootstrap(
+    settings: Any, *, model_name: str, edge_ids: list[str], dataset: str
+) -> tuple[str, str] | None:
+    """(ref, version) of the newest signed ``model_name`` trained on the demo's base data alone: its run
+    took no uplinked samples (``include_samples`` false: every retraining run takes them), trained on
+    ``dataset`` and deployed to exactly ``edge_ids``. None when the registry has none (train one)."""
+    from cloud.registry import crud  # noqa: PLC0415  (SQLAlchemy: not for --help)
+    from cloud.registry.db import session_scope  # noqa: PLC0415  (SQLAlchemy: not for --help)
+
+    with session_scope(settings.resolved_database_url) as session:
+        for model in crud.list_model_versions(session, name=model_name, limit=1000):  # newest first
+            if model.manifest is None or model.signature is None or model.status in ("rejected", "withdrawn"):
+                continue
+            run = crud.run_of(session, model=model)
+            config = (run.config or {}) if run is not None else {}
+            if run is None or config.get("include_samples") or config.get("dataset") != dataset:
+                continue
+            if sorted(config.get("deploy_edges", [])) == sorted(edge_ids):
+                return model.ref, model.version
+    return None
+
+
+def close_stale_runs(settings: Any, *, model_name: str, reason: str) -> list[int]:
+    """Mark pipeline runs of ``model_name`` still pending or running as failed: at a demo's start no
+    worker runs yet and the Celery transport is new, so they are leftovers of a demo that stopped, and
+    a run in progress blocks every retraining trigger. Returns their ids."""
+    from cloud.registry import crud  # noqa: PLC0415  (SQLAlchemy: not for --help)
+    from cloud.registry.db import session_scope  # noqa: PLC0415  (SQLAlchemy: not for --help)
+
+    closed: list[int] = []
+    with session_scope(settings.resolved_database_url) as session:
+        while (run_id := crud.run_in_progress(session, model_name=model_name)) is not None:
+            crud.finish_run(
+                session,
+                run_id=run_id,
+                state="failed",
+                error=f"interrupted: the demo that started it stopped; {reason}",
+            )
+            closed.append(run_id)
+    if closed:
+        logger.info("closed runs %s left running by an earlier demo", closed)
+    return closed
+
+
+@dataclass
+class Restart:
+    """What ``restart_from_bootstrap`` did: the bootstrap model back in production and on the edges."""
+
+    model: str  # NAME@VERSION of the bootstrap model
+    version: str
+    replaced: str | None  # the production model it replaced (None: it was production already)
+    rollouts_aborted: list[str] = field(default_factory=list)
+    runs_failed: list[int] = field(default_factory=list)
+
+
+def restart_from_bootstrap(
+    settings: Any, *, model_name: str, bootstrap: str, edge_ids: list[str], actor: str = "demo"
+) -> Restart:
+    """Make a run on a kept registry start where the first run started, so drift shows and the loop
+    has something to recover (issue 12, item 7). Before any cloud service runs:
+
+    - pipeline runs of ``model_name`` still pending or running are marked failed
+      (``close_stale_runs``);
+    - rollouts of ``model_name`` still running or paused are aborted (beat would otherwise carry an
+      older run's rollout on to the edges; as any aborted pipeline rollout, its model is withdrawn);
+    - the bootstrap model is promoted to production again (the previous production is retired: the
+      retrained versions stay in the registry) and a ``restart`` trigger is recorded, so that the
+      retraining triggers count edge signals from now, not the previous run's drifted windows;
+    - it is published to ``edge_ids`` as their signed desired state (retained): a signed ``rollback``
+      naming it to an edge that last reported a newer model, else a ``deploy``."""
+    from cloud.errors import RolloutError  # noqa: PLC0415  (not for --help)
+    from cloud.fleet import rollouts  # noqa: PLC0415  (SQLAlchemy, paho: not for --help)
+    from cloud.fleet.desired_state import publish_desired_state  # noqa: PLC0415  (pydantic, paho: not for --help)
+    from cloud.registry import crud, fleet  # noqa: PLC0415  (SQLAlchemy: not for --help)
+    from cloud.registry.db import session_scope  # noqa: PLC0415  (SQLAlchemy: not for --help)
+
+    url = settings.resolved_database_url
+    runs_failed = close_stale_runs(
+        settings, model_name=model_name, reason=f"the next demo restarted from {bootstrap}"
+    )
+    with session_scope(url) as session:
+        # Before the aborts: an aborted pipeline rollout withdraws its model (the one before it is
+        # production again), so production afterwards is not what the previous run ended on.
+        production = crud.production_model(session, name=model_name)
+        ended_on = production.ref if production is not None else None
+        open_rollouts = [
+            r.rollout_id
+            for r in fleet.list_rollouts(session, limit=1000)
+            if r.model.name == model_name and r.state in ("running", "paused")
+        ]
+    aborted: list[str] = []
+    for rollout_id in open_rollouts:
+        try:
+            rollouts.set_state(
+                settings=settings, rollout_id=rollout_id, action="abort", actor=f"{actor} restart"
+            )
+            aborted.append(rollout_id)
+        except RolloutError as exc:
+            logger.warning("rollout %s not aborted: %s", rollout_id, exc)
+    with session_scope(url) as session:
+        model = crud.get_model_version(session, ref=bootstrap)
+        production = crud.production_model(session, name=model_name)
+        replaced = ended_on if ended_on != bootstrap else None
+        if production is None or production.id != model.id:
+            crud.promote(session, model_id=model.id, actor=actor)
+        crud.record_trigger(
+            session,
+            kind=RESTART_TRIGGER_KIND,
+            reason=f"{actor}: a new run restarts from the bootstrap model {bootstrap}"
+            + (f" (production was {replaced})" if replaced else ""),
+            model_name=model_name,
+            detail={"bootstrap": bootstrap, "replaced": replaced, "rollouts_aborted": aborted},
+        )
+        crud.audit(
+            session,
+            actor=actor,
+            action="demo_restart_from_bootstrap",
+            target=bootstrap,
+            detail={"replaced": replaced, "rollouts_aborted": aborted, "runs_failed": runs_failed},
+        )
+        version = model.version
+    publish_desired_state(settings=settings, edge_ids=edge_ids, model_ref=bootstrap, actor=actor)
+    logger.info("restarted from %s (replaced %s) on %s", bootstrap, replaced, ", ".join(edge_ids))
+    return Restart(bootstrap, version, replaced, aborted, runs_failed)
+
+
+# -- a dataset replayed by the devices (``--dataset``) -----------------------------------------------------
+
+
+@dataclass
+class ReplayPlan:
+    """What the replaying devices play: the bootstrap's training data, each device's test-split shard
+    before drift and after (the held-out class mixed in), and the row length (= the agents' window)."""
+
+    base_dataset: Path  # the bootstrap model's dataset (every row of the held-out class left out)
+    row_length: int
+    rate_hz: float  # one row per second per device
+    held_out: str | None  # the class the bootstrap never saw (drift), None: no drift possible
+    class_names: list[str]
+    before: dict[str, Path] = field(default_factory=dict)  # device id -> shard played from the start
+    after: dict[str, Path] = field(default_factory=dict)  # device id -> shard played after drift
+    test_rows: int = 0
+    note: str | None = None  # why there is no drift, when there is none
+
+
+def plan_replay(topo: Topology) -> ReplayPlan:
+    """Load ``--dataset``, cut its test split into one labelled shard per device and write the
+    bootstrap's data. Drift is a switch to a held-out part: one class (the last) is left out of the
+    bootstrap's data entirely (its train and test rows; the model still names it), devices first
+    replay the test rows of the other classes, then all test rows, so rows of a class the bootstrap
+    never saw arrive, labelled; the loop retrains on the uplinked labelled windows and recovers.
+    Needs 3 classes or more (left with one class, the bootstrap would learn nothing): with 2, no drift,
+    and the summary says why. Rows of unequal length cannot be replayed yet (``SupervisorError``)."""
+    import numpy as np  # noqa: PLC0415  (numpy: only with --dataset)
+
+    from cloud.errors import DatasetError  # noqa: PLC0415  (not for --help)
+    from cloud.learning import datasets  # noqa: PLC0415  (numpy, aeon: only with --dataset)
+
+    options = topo.options
+    assert options.dataset is not None
+    try:
+        dataset = datasets.load(options.dataset, seed=options.seed)
+    except DatasetError as exc:
+        raise SupervisorError(f"--dataset {options.dataset}: {exc}") from exc
+    lengths = getattr(dataset, "lengths", None)
+    if dataset.X.ndim != 3 or (lengths is not None and len(set(np.asarray(lengths).tolist())) > 1):
+        raise SupervisorError(
+            f"--dataset {options.dataset}: only datasets of equal-length (time, channels) rows can be "
+            "replayed by devices yet (this one has rows of unequal length or is not a time series)"
+        )
+    splits = datasets.split(dataset, seed=options.seed)
+    test_index = getattr(splits, "test_index", None)
+    if test_index is None:
+        raise SupervisorError(f"--dataset {options.dataset}: the split does not name its test rows")
+    # Shuffled once (fixed by --seed): each device plays a mix of classes from its first rows on (the
+    # edges' running accuracy stays near the model's recorded one, and no trigger fires before drift).
+    test_index = np.random.default_rng(options.seed).permutation(np.asarray(test_index))
+    names = list(dataset.class_names)
+    y = np.asarray(dataset.y)
+    split = np.asarray(dataset.split) if dataset.split is not None else None
+    if split is None:  # the bootstrap must train on exactly the rows the devices do not replay
+        split = np.zeros(len(y), dtype=np.int8)
+        split[test_index] = 1
+    held = len(names) - 1 if len(set(y.tolist())) >= 3 else None
+    root = (topo.data_dir / "replay").resolve()
+    root.mkdir(parents=True, exist_ok=True)
+    base_path = topo.cloud_dir.resolve() / "demo-datasets" / f"{options.model_name}-bootstrap.npz"
+    keep = np.ones(len(y), dtype=bool) if held is None else y != held
+    base = datasets.Dataset(
+        name=f"{options.model_name}-bootstrap",
+        source=f"{options.dataset} (demo bootstrap"
+        + (f", class {names[held]} held out)" if held is not None else ")"),
+        X=dataset.X[keep],
+        y=y[keep],
+        class_names=names,
+        sample_rate_hz=dataset.sample_rate_hz,
+        channels=dataset.channels,
+        split=split[keep],
+    )
+    if not base_path.exists() or datasets.load_npz(base_path).sha256() != base.sha256():
+        base.save(base_path)
+    row_length = int(dataset.X.shape[1])
+    before_rows = test_index[y[test_index] != held] if held is not None else test_index
+    devices = topo.device_ids
+    if len(before_rows) < len(devices):
+        raise SupervisorError(
+            f"--dataset {options.dataset}: {len(before_rows)} test rows to replay for {len(devices)} "
+            "devices: run fewer devices (--devices)"
+        )
+    plan = ReplayPlan(
+        base_dataset=base_path,
+        row_length=row_length,
+        rate_hz=float(row_length),
+        held_out=names[held] if held is not None else None,
+        class_names=names,
+        test_rows=len(test_index),
+        note=None
+        if held is not None
+        else f"{options.dataset} has {len(set(y.tolist()))} classes: holding one out would leave the "
+        "bootstrap a single class, so no drift is injected (3 classes or more needed)",
+    )
+    channels = {"channels": np.array(dataset.channels)} if dataset.channels else {}
+
+    def write(path: Path, rows: Any) -> Path:
+        np.savez(path, X=dataset.X[rows], y=y[rows], class_names=np.array(names), **channels)
+        return path
+
+    for index, device_id in enumerate(devices):
+        # Interleaved shards of the shuffled rows: every device gets a mix of classes.
+        plan.before[device_id] = write(root / f"{device_id}-before.npz", before_rows[index :: len(devices)])
+        if held is not None:
+            plan.after[device_id] = write(root / f"{device_id}-after.npz", test_index[index :: len(devices)])
+    return plan
 
 
 # -- edges and devices ---------------------------------------------------------------------------------
@@ -586,9 +846,10 @@ def start_edges(topo: Topology) -> None:
         )
 
 
-def start_devices(topo: Topology) -> None:
+def start_devices(topo: Topology, replay: ReplayPlan | None = None) -> None:
     """Start the devices: an ``edgefleet agent run`` each, or all as threads of one process
-    (``--devices-in-one-process``)."""
+    (``--devices-in-one-process``). With ``replay``: each replays its shard of the dataset's test split
+    (``replay`` sensor, window = row length, one row per second: each window is one labelled row)."""
     base = edgefleet_argv()
     data_dir = topo.devices_dir.resolve()
     env = {"EDGEFLEET_HEARTBEAT_INTERVAL_S": "2"}
@@ -613,6 +874,18 @@ def start_devices(topo: Topology) -> None:
                 "--seed",
                 str(topo.options.seed),
                 *(["--identities-dir", str(topo.identities_dir.resolve())] if topo.per_identity else []),
+                *(
+                    [
+                        "--replay-dir",
+                        str((topo.data_dir / "replay").resolve()),
+                        "--rate",
+                        str(replay.rate_hz),
+                        "--window",
+                        str(replay.row_length),
+                    ]
+                    if replay is not None
+                    else []
+                ),
             ],
             env=env,
         )
@@ -630,12 +903,23 @@ def start_devices(topo: Topology) -> None:
             topo.device_broker_urls.get(device_id, topo.broker_url),
             "--data-dir",
             str(data_dir),
-            "-o",
-            f"seed={topo.options.seed * 1000 + index}",
         ]
-        fault = topo.device_fault(index)
-        if fault != "normal":
-            argv += ["-o", f"fault={fault}"]
+        if replay is not None:
+            argv += [
+                "--sensor",
+                "replay",
+                "-o",
+                f"path={replay.before[device_id]}",
+                "--rate",
+                str(replay.rate_hz),
+                "--window",
+                str(replay.row_length),
+            ]
+        else:
+            argv += ["-o", f"seed={topo.options.seed * 1000 + index}"]
+            fault = topo.device_fault(index)
+            if fault != "normal":
+                argv += ["-o", f"fault={fault}"]
         bundle = topo.enrollment_file(device_id)
         identity = {"EDGEFLEET_ENROLLMENT_FILE": str(bundle)} if bundle else {}
         topo.supervisor.start(device_id, argv, env=env | identity)

@@ -459,7 +459,7 @@ class BadModel(Scenario):
         from cloud.registry.db import session_scope  # noqa: PLC0415  (SQLAlchemy: loaded when used, as in the runner)
 
         settings = self.demo.settings
-        ref, _, _ = _production(settings)
+        ref, _, _ = _production(settings, self.demo.options.model_name)
         assert ref is not None
         with session_scope(settings.resolved_database_url) as session:
             good = ModelManifest.model_validate(crud.get_model_version(session, ref=ref).manifest)
@@ -548,7 +548,7 @@ class BadModel(Scenario):
         return time.monotonic() - self._inject_ts >= BAD_MODEL_HOLD_S
 
     def heal(self) -> None:
-        ref, _, _ = _production(self.demo.settings)
+        ref, _, _ = _production(self.demo.settings, self.demo.options.model_name)
         assert ref is not None
         sent = publish_desired_state(
             settings=self.demo.settings, edge_ids=self.topo.edge_ids, model_ref=ref, actor="demo-scenario"
@@ -694,7 +694,7 @@ class ScenarioDemo(Demo):
         self.scenario.prepare(topo)
 
     def _start_cloud(self, topo: rt.Topology) -> None:
-        ref, _, edges = _production(self.settings)
+        ref, _, edges = _production(self.settings, self.options.model_name)
         if ref is not None and sorted(edges) == sorted(topo.edge_ids):
             rt.start_cloud(topo, ("cloud-ingest",))  # no retraining in a scenario
         else:

@@ -1,10 +1,15 @@
 """Compression: post-training quantization (dynamic range, float16, full int8 with int8 input/output),
 magnitude pruning written for Keras 3 (mask re-applied after every batch; no
-tensorflow-model-optimization, which needs legacy tf-keras), and knowledge distillation."""
+tensorflow-model-optimization, which needs legacy tf-keras), and knowledge distillation.
+
+Pruning's fine-tuning and distillation train through ``training.fit_epochs``, as the base model
+does: the same epoch row repetition, augmentation, class weights, learning-rate schedule and time
+budget, so a compressed variant is compared with its base on equal training terms."""
 
 from __future__ import annotations
 
 import logging
+import time
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -18,6 +23,8 @@ from cloud.learning.training import (
     TrainingConfig,
     build_model,
     callbacks_for,
+    epoch_rows,
+    fit_epochs,
     quiet_tensorflow,
     set_seeds,
     stdout_to_stderr,
@@ -137,6 +144,12 @@ def _pruning_callback(kernels: list[Any], schedule: Callable[[int], float], upda
     return MagnitudePruning()
 
 
+def _last(logs: dict[str, list[float]], key: str) -> float | None:
+    """The last epoch's ``key`` of a fit's history (None when it was not logged)."""
+    values = logs.get(key)
+    return values[-1] if values else None
+
+
 def prune(  # noqa: PLR0917 - the data arrays read better positionally, as in keras fit()
     model: Any,
     training: TrainingConfig,
@@ -152,6 +165,7 @@ def prune(  # noqa: PLR0917 - the data arrays read better positionally, as in ke
     set_seeds(training.seed)
     import keras  # noqa: PLC0415  (keras: loads TensorFlow, only to compress)
 
+    start = time.perf_counter()
     pruned = keras.models.clone_model(model)
     pruned.set_weights(model.get_weights())
     pruned.compile(
@@ -159,35 +173,69 @@ def prune(  # noqa: PLR0917 - the data arrays read better positionally, as in ke
         loss="sparse_categorical_crossentropy",
         metrics=["accuracy"],
     )
-    steps_per_epoch = int(np.ceil(len(x_train) / training.batch_size))
+    # No best-epoch restore (an earlier epoch is less sparse) and no warm-up (the weights are trained).
+    config = training.model_copy(update={"early_stopping_patience": 0, "warmup_epochs": 0})
+    epochs = compression.pruning_epochs
+    rows = epoch_rows(config, x_train, y_train, int(pruned.output_shape[-1]))
+    callbacks = callbacks_for(config, on_epoch, epochs)
+    budget = next((c for c in callbacks if hasattr(c, "elapsed_share")), None)
     # Reach the target sparsity by 2/3 of fine-tuning; the rest recovers accuracy at full sparsity.
-    ramp = max(1, int(steps_per_epoch * compression.pruning_epochs * 2 / 3))
+    ramp = max(1, int(rows.batches * epochs * 2 / 3))
 
     def schedule(step: int) -> float:
+        if budget is not None:
+            # The time budget may end the fit early: ramp by time too, so recovery still happens.
+            step = max(step, round(budget.elapsed_share() * 1.5 * ramp))
         return polynomial_sparsity(step, ramp, compression.pruning_sparsity)
 
     callback = _pruning_callback(prunable_kernels(pruned), schedule, compression.pruning_update_every)
-    with stdout_to_stderr():
-        pruned.fit(
-            x_train,
-            y_train,
-            validation_data=(x_val, y_val),
-            epochs=compression.pruning_epochs,
-            batch_size=training.batch_size,
-            verbose=0,
-            callbacks=[
-                callback,
-                *callbacks_for(
-                    training.model_copy(update={"early_stopping_patience": 0}),
-                    on_epoch,
-                    compression.pruning_epochs,
-                ),
-            ],
-        )
+    logs = fit_epochs(pruned, rows, x_val, y_val, epochs=epochs, callbacks=[callback, *callbacks])
+    logger.info(
+        "pruned to %.2f sparsity: %d epochs of %d batches in %.1f s, val accuracy %s",
+        sparsity_of(pruned),
+        len(logs.get("loss", [])),
+        rows.batches,
+        time.perf_counter() - start,
+        _last(logs, "val_accuracy"),
+    )
     return pruned
 
 
 # -- knowledge distillation -------------------------------------------------------------------------
+
+
+def _distiller(student: Any, teacher: Any, *, temperature: float, alpha: float) -> Any:
+    """A Keras model training ``student`` (logits) against the frozen ``teacher`` (logits), whose soft
+    targets it computes on each batch as fed: the augmented one in training, as the student sees it."""
+    import keras  # noqa: PLC0415  (keras: loads TensorFlow, only to compress)
+    from keras import ops  # noqa: PLC0415  (keras: loads TensorFlow, only to compress)
+
+    class Distiller(keras.Model):  # type: ignore[misc]
+        def __init__(self) -> None:
+            super().__init__(name="distiller")
+            self.student = student
+            self.teacher = teacher
+
+        def call(self, x: Any, training: bool = False) -> Any:
+            return self.student(x, training=training)
+
+        def compute_loss(  # Keras' signature
+            self,
+            x: Any = None,
+            y: Any = None,
+            y_pred: Any = None,
+            sample_weight: Any = None,
+            training: bool = True,  # noqa: ARG002
+        ) -> Any:
+            soft = ops.softmax(ops.stop_gradient(self.teacher(x, training=False)) / temperature, axis=-1)
+            hard_ce = keras.losses.sparse_categorical_crossentropy(y, y_pred, from_logits=True)
+            soft_ce = keras.losses.categorical_crossentropy(soft, y_pred / temperature, from_logits=True)
+            loss = alpha * hard_ce + (1.0 - alpha) * (temperature**2) * soft_ce
+            if sample_weight is not None:
+                loss = loss * ops.cast(ops.reshape(sample_weight, ops.shape(loss)), loss.dtype)
+            return ops.mean(loss)  # Keras' "sum over batch size" reduction, as the base model's loss
+
+    return Distiller()
 
 
 def distill(  # noqa: PLR0917 - the data arrays read better positionally, as in keras fit()
@@ -208,38 +256,28 @@ def distill(  # noqa: PLR0917 - the data arrays read better positionally, as in 
     the soft cross-entropy differs from the KL divergence by the teacher's entropy, a constant."""
     set_seeds(student_config.seed)
     import keras  # noqa: PLC0415  (keras: loads TensorFlow, only to compress)
-    from keras import ops  # noqa: PLC0415  (keras: loads TensorFlow, only to compress)
 
-    temperature = compression.distill_temperature
-    alpha = compression.distill_alpha
-    teacher_logits_model = keras.Model(teacher.input, teacher.get_layer("logits").output)
-    with stdout_to_stderr():
-        t_train = np.asarray(teacher_logits_model.predict(x_train, batch_size=256, verbose=0))
-        t_val = np.asarray(teacher_logits_model.predict(x_val, batch_size=256, verbose=0))
-
-    def targets(y: np.ndarray, t: np.ndarray) -> np.ndarray:
-        hard = np.eye(n_classes, dtype=np.float32)[y]
-        soft = np.asarray(ops.softmax(t / temperature, axis=-1), dtype=np.float32)
-        return np.concatenate([hard, soft], axis=1)
-
-    def kd_loss(y_true: Any, logits: Any) -> Any:
-        hard, soft = y_true[:, :n_classes], y_true[:, n_classes:]
-        hard_ce = keras.losses.categorical_crossentropy(hard, logits, from_logits=True)
-        soft_ce = keras.losses.categorical_crossentropy(soft, logits / temperature, from_logits=True)
-        return alpha * hard_ce + (1.0 - alpha) * (temperature**2) * soft_ce
-
+    start = time.perf_counter()
+    # A frozen copy: freezing ``teacher`` itself would freeze the base model other variants clone.
+    teacher_logits = keras.Model(teacher.input, teacher.get_layer("logits").output)
+    frozen = keras.models.clone_model(teacher_logits)
+    frozen.set_weights(teacher_logits.get_weights())
+    frozen.trainable = False
     student = build_model(student_config, list(x_train.shape[1:]), n_classes, logits=True)
-    student.compile(optimizer=keras.optimizers.Adam(student_config.learning_rate), loss=kd_loss)
+    distiller = _distiller(
+        student, frozen, temperature=compression.distill_temperature, alpha=compression.distill_alpha
+    )
+    distiller.compile(optimizer=keras.optimizers.Adam(student_config.learning_rate), metrics=["accuracy"])
     epochs = compression.distill_epochs or student_config.epochs
-    with stdout_to_stderr():
-        student.fit(
-            x_train,
-            targets(y_train, t_train),
-            validation_data=(x_val, targets(y_val, t_val)),
-            epochs=epochs,
-            batch_size=student_config.batch_size,
-            verbose=0,
-            shuffle=True,
-            callbacks=callbacks_for(student_config, on_epoch, epochs),
-        )
+    rows = epoch_rows(student_config, x_train, y_train, n_classes)
+    callbacks = callbacks_for(student_config, on_epoch, epochs)
+    logs = fit_epochs(distiller, rows, x_val, y_val, epochs=epochs, callbacks=callbacks)
+    logger.info(
+        "distilled a %d-parameter student: %d epochs of %d batches in %.1f s, val accuracy %s",
+        student.count_params(),
+        len(logs.get("loss", [])),
+        rows.batches,
+        time.perf_counter() - start,
+        _last(logs, "val_accuracy"),
+    )
     return with_softmax(student)

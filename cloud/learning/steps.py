@@ -7,10 +7,13 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from pydantic import ValidationError
 
 from cloud.artifacts import sha256_file, store_for
 from cloud.errors import DatasetError, RolloutError
@@ -24,10 +27,110 @@ from cloud.learning.pipeline import PipelineConfig, Prepared
 from cloud.learning.training import EpochCallback, count_params
 from cloud.registry import crud, fleet
 from cloud.registry.db import session_scope
-from shared.schemas import ModelManifest, Normalization
+from edge_node.preprocessing import (
+    InputSpec,
+    WindowRejectedError,
+    normalize_fitted,
+    prepare_batch,
+    prepare_window,
+)
+from shared.schemas import ModelManifest, Normalization, Preprocessing
 from shared.settings.cloud import CloudSettings
 
 logger = logging.getLogger(__name__)
+
+
+# Versions trained before ``preprocessing`` was recorded: windows of exactly the input shape, as is.
+_LEGACY_PREPROCESSING = Preprocessing(normalize="none", length="exact")
+
+
+@dataclass(frozen=True)
+class ModelInput:
+    """How raw windows become one model version's inputs, exactly as an edge serving it computes
+    them: ``spec`` (``edge_node.preprocessing.prepare_window``), then its own fitted statistics
+    (``mean``/``std``, the runner's ``normalize_fitted``) when it has them."""
+
+    spec: InputSpec
+    mean: np.ndarray | None = None
+    std: np.ndarray | None = None
+
+    @classmethod
+    def of(cls, spec: InputSpec, normalization: Normalization | dict[str, Any] | None) -> ModelInput:
+        """``spec`` with the fitted ``normalization`` (a manifest's or a training config's), if any."""
+        if normalization is None:
+            return cls(spec)
+        norm = Normalization.model_validate(normalization)
+        return cls(spec, np.asarray(norm.mean, dtype=np.float32), np.asarray(norm.std, dtype=np.float32))
+
+    def window(self, values: np.ndarray, channels: Sequence[str] | None) -> np.ndarray:
+        """One raw window (time, channels) as the model's input; ``WindowRejectedError`` if it cannot be."""
+        return self._fitted(prepare_window(values, channels, self.spec))
+
+    def batch(
+        self, x: np.ndarray, channels: Sequence[str] | None, *, lengths: np.ndarray | None = None
+    ) -> np.ndarray:
+        """Raw rows (n, time, ...) (each cut to ``lengths`` when given) as the model's inputs."""
+        return self._fitted(prepare_batch(x, channels, self.spec, lengths=lengths))
+
+    def _fitted(self, x: np.ndarray) -> np.ndarray:
+        if self.mean is None or self.std is None:
+            return x
+        return normalize_fitted(x, self.mean, self.std)
+
+
+def model_input(
+    manifest: dict[str, Any] | None,
+    training_config: dict[str, Any] | None,
+    *,
+    input_shape: Sequence[int] | None = None,
+) -> ModelInput | None:
+    """How a registered model version takes raw windows: from its signed ``manifest`` when that
+    records ``preprocessing``, else from its ``training_config`` (``preprocessing``,
+    ``normalization``, ``input_shape``, ``channels``, as ``train`` stores them). A version trained
+    before preprocessing was recorded keeps its old contract: windows of exactly its input shape
+    (``input_shape``: the artifact's, else the recorded one), channels not checked, standardized
+    with its recorded ``normalization``. None when a legacy version records neither a manifest
+    nor a normalization (nothing says how it was fed). ``DatasetError`` when what is recorded is
+    inconsistent."""
+    cfg = training_config or {}
+    signed: ModelManifest | None = None
+    if manifest:
+        try:
+            signed = ModelManifest.model_validate(manifest)
+        except ValidationError as exc:
+            logger.debug("stored manifest not usable (%s); using the training config", exc)
+    try:
+        if signed is not None and signed.preprocessing is not None:
+            return ModelInput.of(InputSpec.of(signed), signed.normalization)
+        if cfg.get("preprocessing"):
+            pre = Preprocessing.model_validate(cfg["preprocessing"])
+            shape = cfg.get("input_shape") or input_shape
+            if not shape:
+                raise DatasetError("the training config records preprocessing but no input_shape")
+            normalization = cfg.get("normalization") if pre.normalize == "fitted" else None
+            if pre.normalize == "fitted" and not normalization:
+                raise DatasetError("the training config records fitted normalisation but no statistics")
+            channels = cfg.get("channels")
+            spec = InputSpec(
+                input_shape=tuple(int(d) for d in shape),
+                channels=tuple(channels) if channels is not None else None,
+                preprocessing=pre,
+            )
+            return ModelInput.of(spec, normalization)
+        if signed is None and "normalization" not in cfg:
+            return None
+        legacy_shape = input_shape or (signed.input_shape if signed is not None else cfg.get("input_shape"))
+        if not legacy_shape:
+            return None
+        legacy = InputSpec(
+            input_shape=tuple(int(d) for d in legacy_shape),
+            channels=None,  # as before: the shape alone was checked
+            preprocessing=_LEGACY_PREPROCESSING,
+            reorder=False,
+        )
+        return ModelInput.of(legacy, signed.normalization if signed is not None else cfg.get("normalization"))
+    except ValidationError as exc:
+        raise DatasetError(f"recorded preprocessing or normalization is invalid: {exc}") from exc
 
 
 def run_dir(settings: CloudSettings, run_id: int) -> Path:
@@ -57,7 +160,7 @@ def prepared_data(settings: CloudSettings, run_id: int) -> Prepared:
     if path is None:
         raise DatasetError(f"dataset of run {run_id} has no frozen snapshot")
     dataset = datasets.load_npz(path)
-    return pipeline.prepare(dataset, seed=config.seed)
+    return pipeline.prepare(dataset, seed=config.seed, preprocessing=config.preprocessing)
 
 
 def prepare_dataset(settings: CloudSettings, run_id: int) -> int:
@@ -67,7 +170,12 @@ def prepare_dataset(settings: CloudSettings, run_id: int) -> int:
         dataset = _labelled_samples_dataset(settings, config.model_name)
     else:
         dataset = datasets.load(
-            config.dataset, seed=config.seed, n_windows=config.n_windows, drift=config.drift
+            config.dataset,
+            seed=config.seed,
+            n_windows=config.n_windows,
+            drift=config.drift,
+            length=config.preprocessing.length,
+            input_length=config.preprocessing.input_length,
         )
         if config.include_samples:
             dataset = _with_samples(settings, dataset, config.model_name)
@@ -116,8 +224,14 @@ def _with_samples(settings: CloudSettings, dataset: Any, model_name: str) -> Any
             "uplinked samples of shape %s do not match %s; not added", uplink.input_shape, dataset.input_shape
         )
         return dataset
+    n_added = len(uplink.y)
     dataset.X = np.concatenate([dataset.X, uplink.X])
     dataset.y = np.concatenate([dataset.y, uplink.y])
+    if dataset.split is not None:  # uplinked windows only ever train: the published test part stays as is
+        dataset.split = np.concatenate([dataset.split, np.full(n_added, datasets.TRAIN, dtype=np.int8)])
+    if dataset.lengths is not None:
+        full = np.full(n_added, uplink.X.shape[1], dtype=np.int64)
+        dataset.lengths = np.concatenate([dataset.lengths, full])
     dataset.source = f"{dataset.source}+samples"
     dataset.params = {**dataset.params, "uplinked_samples": len(uplink.y)}
     return dataset
@@ -175,9 +289,10 @@ def train(settings: CloudSettings, run_id: int, *, on_epoch: EpochCallback | Non
             run_id=run_id,
             training_config={
                 "training": config.training.model_dump(),
-                "normalization": {"mean": prepared.mean, "std": prepared.std},
+                "normalization": prepared.normalization,
+                "preprocessing": prepared.preprocessing.model_dump(mode="json"),
                 "class_names": prepared.dataset.class_names,
-                "input_shape": prepared.dataset.input_shape,
+                "input_shape": prepared.input_shape,
                 "sample_rate_hz": prepared.dataset.sample_rate_hz,
                 "channels": prepared.dataset.channels,
             },
@@ -291,15 +406,18 @@ def gate(settings: CloudSettings, run_id: int) -> bool:
         prod_ref = production.ref if production is not None else None
         prod_artifact = production.artifact_path if production is not None else None
         prod_recorded = float(production.metrics.get("accuracy", 0.0)) if production is not None else None
+        prod_manifest = production.manifest if production is not None else None
+        prod_cfg = dict(production.training_config or {}) if production is not None else {}
     prod_acc = prod_recorded
     basis = "recorded"
     if prod_artifact is not None and Path(prod_artifact).exists():
-        # Fair comparison: production re-scored on the candidate's held-out data, when shapes match.
+        # Fair comparison: production re-scored on the same held-out rows as the candidate, each
+        # model fed as its edges feed it (its own preprocessing and fitted statistics).
         prepared = prepared_data(settings, run_id)
         try:
-            prod_acc = pipeline.evaluate(Path(prod_artifact).read_bytes(), prepared).accuracy
+            prod_acc = _rescore(Path(prod_artifact).read_bytes(), prepared, prod_manifest, prod_cfg)
             basis = "re-evaluated on this run's held-out split"
-        except (ValueError, RuntimeError) as exc:
+        except (ValueError, RuntimeError, DatasetError) as exc:
             logger.warning(
                 "production %s could not be re-evaluated (%s); using its recorded accuracy", prod_ref, exc
             )
@@ -327,6 +445,30 @@ def gate(settings: CloudSettings, run_id: int) -> bool:
         )
     logger.info("gate for %s: %s", candidate.ref, reason)
     return result.passed
+
+
+def _rescore(
+    flatbuffer: bytes, prepared: Prepared, manifest: dict[str, Any] | None, training_config: dict[str, Any]
+) -> float:
+    """Accuracy of another model version (production) on ``prepared``'s held-out rows, brought to
+    its input by its own preprocessing (``model_input``). A version that records nothing of how it
+    was fed is scored on the candidate's inputs, as the gate always did."""
+    runtime = LiteRTModel(flatbuffer)
+    feed = model_input(manifest, training_config, input_shape=runtime.input_shape)
+    index = prepared.splits.test_index
+    if feed is None or index is None:
+        return pipeline.evaluate(flatbuffer, prepared).accuracy
+    dataset = prepared.dataset
+    lengths = dataset.lengths[index] if dataset.lengths is not None else None
+    try:
+        x = feed.batch(dataset.X[index], dataset.channels, lengths=lengths)
+    except WindowRejectedError as exc:
+        raise DatasetError(f"held-out rows do not fit production's input: {exc}") from exc
+    y = prepared.splits.y_test
+    if not len(y):
+        return 0.0
+    predicted = runtime.predict(x).argmax(axis=1)
+    return float(np.mean(predicted == y))
 
 
 def sign(settings: CloudSettings, run_id: int) -> str | None:
@@ -360,9 +502,13 @@ def sign(settings: CloudSettings, run_id: int) -> str | None:
             output_shape=runtime.output_shape,
             output_dtype=runtime.output_dtype,
             class_names=list(cfg["class_names"]),
-            normalization=Normalization(**cfg["normalization"]),
+            normalization=Normalization(**cfg["normalization"]) if cfg.get("normalization") else None,
             sample_rate_hz=cfg.get("sample_rate_hz"),
             channels=cfg.get("channels"),
+            # Versions trained before preprocessing was recorded keep the old (exact-shape) contract.
+            preprocessing=Preprocessing.model_validate(cfg["preprocessing"])
+            if cfg.get("preprocessing")
+            else None,
             metrics={k: float(v) for k, v in model.metrics.items()},
             parent_version=parent.version if parent is not None else None,
             dataset_id=str(model.dataset_id) if model.dataset_id is not None else None,

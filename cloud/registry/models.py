@@ -579,3 +579,59 @@ class RegistryCounter(Base):
 
     name: Mapped[str] = mapped_column(String(32), primary_key=True)
     value: Mapped[int] = mapped_column(BigInteger, default=0)
+
+
+class SelectionSearch(Base):
+    """A model-selection search (migration 0008): candidates (``TrainingConfig`` dicts) scored by
+    k-fold cross-validation on the train part of ``dataset`` (a spec the workers load: ``aeon:NAME``,
+    an ``.npz`` path, a built-in). ``deadline_at``: trials not started by then are skipped."""
+
+    __tablename__ = "selection_searches"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(128))
+    dataset: Mapped[str] = mapped_column(String(1024), doc="dataset spec the trial tasks load")
+    seed: Mapped[int] = mapped_column(Integer, default=0)
+    folds: Mapped[int] = mapped_column(Integer)
+    candidates: Mapped[list[Any]] = mapped_column(JSON, doc="[{name, config}] in dispatch order")
+    options: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    budget_s: Mapped[float | None] = mapped_column(Float)
+    deadline_at: Mapped[float | None] = mapped_column(Float)
+    state: Mapped[str] = mapped_column(String(16), default="pending", doc="pending/running/done/failed")
+    best_candidate: Mapped[int | None] = mapped_column(Integer)
+    best_score: Mapped[float | None] = mapped_column(Float)
+    result: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    error: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[float] = mapped_column(Float, default=_now)
+    finished_at: Mapped[float | None] = mapped_column(Float)
+
+
+class SelectionTrial(Base):
+    """One candidate trained on one fold of a search (a Celery task, ``edgefleet.learning.cv_trial``):
+    its status (pending/running/done/failed/skipped), validation scores, cost and the worker that ran
+    it. ``attempts`` fences claims: only the latest claimer may record the result."""
+
+    __tablename__ = "selection_trials"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    search_id: Mapped[int] = mapped_column(ForeignKey("selection_searches.id", ondelete="CASCADE"))
+    candidate: Mapped[int] = mapped_column(Integer, doc="index into the search's candidates")
+    fold: Mapped[int] = mapped_column(Integer)
+    status: Mapped[str] = mapped_column(String(16), default="pending")
+    val_accuracy: Mapped[float | None] = mapped_column(Float)
+    val_loss: Mapped[float | None] = mapped_column(Float)
+    epochs_run: Mapped[int | None] = mapped_column(Integer)
+    params: Mapped[int | None] = mapped_column(Integer, doc="parameter count of the trained model")
+    seconds: Mapped[float | None] = mapped_column(Float)
+    worker: Mapped[str | None] = mapped_column(String(255), doc="hostname of the worker that ran it")
+    pid: Mapped[int | None] = mapped_column(Integer)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    error: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[float] = mapped_column(Float, default=_now)
+    started_at: Mapped[float | None] = mapped_column(Float)
+    finished_at: Mapped[float | None] = mapped_column(Float)
+
+    __table_args__ = (
+        UniqueConstraint("search_id", "candidate", "fold", name="uq_selection_trials_search_candidate_fold"),
+        Index("ix_selection_trials_search_status", "search_id", "status"),
+    )

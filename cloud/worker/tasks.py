@@ -1,4 +1,5 @@
-"""Celery tasks of the learning pipeline: thin, named wrappers over ``cloud.learning.steps``. Each
+"""Celery tasks of the learning pipeline (thin, named wrappers over ``cloud.learning.steps``) and of
+model selection (``edgefleet.learning.cv_trial`` over ``cloud.learning.selection``). Each
 takes ids (never ORM objects), is idempotent (the step it runs is), has time limits, and retries only
 on transient errors (lost database or broker connections). ``pipeline`` chains them as a canvas."""
 
@@ -8,13 +9,13 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
-from celery import chain, group
+from celery import Celery, chain, group
 from celery.result import AsyncResult
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from sqlalchemy.exc import DisconnectionError, InterfaceError, OperationalError
 
-from cloud.learning import steps
+from cloud.learning import selection, steps
 from cloud.learning.pipeline import PipelineConfig
 from cloud.worker.app import app, get_settings
 
@@ -123,3 +124,32 @@ def pipeline(config: dict[str, Any], trigger_id: int | None = None) -> int:
     """Start a whole pipeline run from a config dict (what beat and the triggers send)."""
     run_id, _ = start_pipeline(config=PipelineConfig.model_validate(config), trigger_id=trigger_id)
     return run_id
+
+
+# -- model selection -------------------------------------------------------------------------------
+
+CV_TRIAL = "edgefleet.learning.cv_trial"
+
+
+@_task(name=CV_TRIAL, **TASK_OPTIONS)
+def cv_trial(trial_id: int) -> dict[str, Any]:
+    """Train and score one model-selection trial (one candidate, one fold) unless it is finished,
+    taken by another worker or past its search's budget (``selection.run_trial``)."""
+    outcome = selection.run_trial(get_settings(), trial_id, worker=cv_trial.request.hostname)
+    return outcome.as_dict()
+
+
+def trial_dispatcher(celery_app: Celery | None = None) -> Callable[[int], Any]:
+    """Send a trial id to the workers as a ``cv_trial`` task (through ``celery_app``, default this
+    process's app): the ``dispatch`` of ``selection.run_search``."""
+    target = celery_app or app
+
+    def dispatch(trial_id: int) -> Any:
+        return target.send_task(CV_TRIAL, args=[trial_id])
+
+    return dispatch
+
+
+def run_search(**kwargs: Any) -> selection.SearchResult:
+    """``selection.run_search`` with this process's settings, its trials run by the Celery workers."""
+    return selection.run_search(get_settings(), dispatch=trial_dispatcher(), **kwargs)

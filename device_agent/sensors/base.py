@@ -83,6 +83,14 @@ class Sensor(ABC):
         """Apply validated options to the running sensor; by default refused (restart it)."""
         raise CommandError(f"sensor {self.name!r} cannot change options while running; restart it")
 
+    @property
+    def row_length(self) -> int | None:
+        """Samples per recorded row when the sensor replays rows (a dataset's windows), else None."""
+        return None
+
+    def realign(self) -> None:  # noqa: B027  (optional hook)
+        """The agent dropped a partial window (a gap): a row-replaying sensor skips to its next row."""
+
     def restart(self) -> None:
         """Start over from a fresh state (``restart_sensor``)."""
         self.close()

@@ -17,12 +17,14 @@ import numpy as np
 import pytest
 from sqlalchemy import create_engine, text
 
-from cloud.ingest import Ingest
+from cloud.ingest import Ingest, Teacher
 from cloud.learning.compression import convert
+from cloud.learning.evaluation import LiteRTModel
 from cloud.learning.training import TrainingConfig, build_model, set_seeds
 from cloud.registry import crud, fleet
 from cloud.registry.db import engine_for, session_scope, upgrade
-from shared.codec import encode_window
+from edge_node.preprocessing import InputSpec, normalize_fitted, prepare_window
+from shared.codec import decode_window, encode_window
 from shared.mqtt import MqttLink
 from shared.schemas import (
     DeadLetter,
@@ -32,8 +34,12 @@ from shared.schemas import (
     EdgeMetrics,
     EdgeStatus,
     HardExample,
+    ModelManifest,
+    Normalization,
     OnlineState,
+    Preprocessing,
     Privacy,
+    Quantization,
     ReportedState,
     SampleReason,
     Severity,
@@ -261,6 +267,140 @@ def test_teacher_pseudo_labels_above_threshold(
         sample = crud.list_samples(s)[0]
         assert sample.label_source == expected
         assert (sample.label in CLASSES) == (expected == "teacher")
+
+
+@pytest.fixture(scope="module")
+def teacher_artifact(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A float32 teacher taking (10, 3) windows."""
+    set_seeds(0)
+    model = build_model(TrainingConfig(filters=[4], dense_units=0), [10, 3], 4)
+    artifact = tmp_path_factory.mktemp("teacher") / "teacher.tflite"
+    artifact.write_bytes(convert(model, "float32"))
+    return artifact
+
+
+def _teacher(
+    tmp_path: Path,
+    artifact: Path,
+    *,
+    training_config: dict[str, object],
+    manifest: ModelManifest | None = None,
+) -> Teacher:
+    """A ``Teacher`` over a registry whose production ``vib`` is ``artifact``: the run's float32 version
+    (``training_config``), or without a run the signed ``manifest``'s version."""
+    url = CloudSettings(data_dir=tmp_path).resolved_database_url
+    upgrade(url)
+    with session_scope(url) as s:
+        run_id = crud.create_run(s, model_name="vib", config={}).id if manifest is None else None
+        teacher = crud.create_model_version(
+            s,
+            name="vib",
+            version=f"r{run_id}-float32" if run_id is not None else "v1",
+            variant="float32",
+            run_id=run_id,
+            artifact_path=str(artifact),
+            training_config=training_config,
+        )
+        if manifest is not None:
+            teacher.manifest = manifest.model_dump(mode="json")
+        crud.promote(s, model_id=teacher.id)
+    return Teacher(url)
+
+
+def _raw(n: int, channels: tuple[str, ...], seed: int = 3) -> bytes:
+    scale = np.array([1.0, 5.0, 20.0], dtype=np.float32)
+    values = (np.random.default_rng(seed).normal(size=(n, 3)) * scale + 50.0).astype(np.float32)
+    return encode_window(
+        device_id="d1", seq=seed, ts=1.0, sample_rate_hz=100.0, channels=channels, values=values
+    )
+
+
+def _expected(artifact: Path, x: np.ndarray) -> tuple[str, float]:
+    probabilities = LiteRTModel(artifact.read_bytes(), num_threads=1).predict(x[np.newaxis])[0]
+    return CLASSES[int(probabilities.argmax())], float(probabilities.max())
+
+
+def _values(payload: bytes) -> np.ndarray:
+    return np.asarray(decode_window(payload).values, dtype=np.float32)
+
+
+def test_teacher_labels_windows_through_its_training_configs_preprocessing(
+    tmp_path: Path, teacher_artifact: Path
+) -> None:
+    """Per-series, resampled, channels in the model's order: as an edge serving the model would."""
+    pre = Preprocessing(normalize="per_series", length="resample")
+    teacher = _teacher(
+        tmp_path,
+        teacher_artifact,
+        training_config={
+            "normalization": None,
+            "preprocessing": pre.model_dump(mode="json"),
+            "input_shape": [10, 3],
+            "channels": ["x", "y", "z"],
+            "class_names": CLASSES,
+        },
+    )
+    window = _raw(100, ("z", "x", "y"))  # 100 samples, another channel order
+    spec = InputSpec(input_shape=(10, 3), channels=("x", "y", "z"), preprocessing=pre)
+    edge_input = prepare_window(_values(window), ("z", "x", "y"), spec)
+    label = teacher.label("vib", window)
+    assert label is not None
+    expected = _expected(teacher_artifact, edge_input)
+    assert label[0] == expected[0]
+    assert label[1] == pytest.approx(expected[1], rel=1e-5)
+    # A window the edge would dead-letter (unknown channel) gets no pseudo-label.
+    assert teacher.label("vib", _raw(100, ("x", "y", "w"))) is None
+
+
+def test_teacher_labels_windows_as_its_signed_manifest_says(tmp_path: Path, teacher_artifact: Path) -> None:
+    """Without a float32 run version, production's own manifest: reordered, padded, fitted statistics."""
+    norm = Normalization(mean=[50.0, 40.0, 60.0], std=[1.0, 5.0, 20.0])
+    manifest = ModelManifest(
+        name="vib",
+        version="v1",
+        quantization=Quantization.FLOAT32,
+        sha256="ab" * 32,
+        size_bytes=teacher_artifact.stat().st_size,
+        url=f"file://{teacher_artifact}",
+        input_shape=[10, 3],
+        input_dtype="float32",
+        output_shape=[4],
+        output_dtype="float32",
+        class_names=CLASSES,
+        normalization=norm,
+        channels=["x", "y", "z"],
+        preprocessing=Preprocessing(normalize="fitted", length="pad", pad_value=0.0),
+    )
+    teacher = _teacher(tmp_path, teacher_artifact, training_config={}, manifest=manifest)
+    window = _raw(7, ("y", "z", "x"))  # shorter: padded to 10
+    mean, std = np.asarray(norm.mean, np.float32), np.asarray(norm.std, np.float32)
+    edge_input = normalize_fitted(prepare_window(_values(window), ("y", "z", "x"), manifest), mean, std)
+    label = teacher.label("vib", window)
+    assert label is not None
+    expected = _expected(teacher_artifact, edge_input)
+    assert label[0] == expected[0]
+    assert label[1] == pytest.approx(expected[1], rel=1e-5)
+    assert teacher.label("vib", _raw(11, ("x", "y", "z"))) is None  # longer than pad accepts
+
+
+def test_teacher_trained_before_preprocessing_keeps_the_exact_shape(
+    tmp_path: Path, teacher_artifact: Path
+) -> None:
+    """No preprocessing recorded: exact shape, channel names not checked, the recorded statistics."""
+    norm = {"mean": [50.0, 50.0, 50.0], "std": [2.0, 2.0, 2.0]}
+    teacher = _teacher(
+        tmp_path, teacher_artifact, training_config={"normalization": norm, "class_names": CLASSES}
+    )
+    window = _raw(10, ("a", "b", "c"))
+    x = normalize_fitted(
+        _values(window), np.asarray(norm["mean"], np.float32), np.asarray(norm["std"], np.float32)
+    )
+    label = teacher.label("vib", window)
+    assert label is not None
+    expected = _expected(teacher_artifact, x)
+    assert label[0] == expected[0]
+    assert label[1] == pytest.approx(expected[1], rel=1e-5)
+    assert teacher.label("vib", _raw(12, ("a", "b", "c"))) is None  # another length: skipped, as before
 
 
 def test_cli_ingest_receives_what_arrived_while_it_was_down(tmp_path: Path, mosquitto: Mosquitto) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import queue
+import socket
 from pathlib import Path
 
 import pytest
@@ -17,9 +18,13 @@ from shared.private_broker import (
     EPHEMERAL,
     MosquittoOptions,
     PrivateMosquitto,
+    PrivateRedis,
     free_port,
     mosquitto_binary,
     port_open,
+    redis_argv,
+    redis_binary,
+    redis_ping,
     render_config,
     wait_port,
 )
@@ -149,3 +154,61 @@ def test_kill_then_start_again(tmp_path: Path) -> None:
     finally:
         broker.stop()
     assert broker.log_path.exists()
+
+
+# -- redis-server ----------------------------------------------------------------------------------
+
+needs_redis = pytest.mark.skipif(
+    redis_binary() is None,
+    reason="the redis-server binary is not installed (apt-get install redis-server): these tests run one",
+)
+
+
+def test_redis_argv_binds_loopback_and_saves_nothing(tmp_path: Path) -> None:
+    """The command line: loopback only, no RDB snapshots, no AOF, the workdir, the log file if given."""
+    argv = redis_argv("redis-server", port=16380, workdir=tmp_path)
+    assert argv[0] == "redis-server"
+    pairs = dict(zip(argv[1::2], argv[2::2], strict=True))
+    assert pairs == {"--port": "16380", "--bind": "127.0.0.1", "--save": "", "--appendonly": "no",
+                     "--dir": str(tmp_path)}  # fmt: skip
+    assert redis_argv("r", port=1, workdir=tmp_path, logfile=tmp_path / "x.log")[-2:] == [
+        "--logfile",
+        str(tmp_path / "x.log"),
+    ]
+
+
+def test_missing_redis_is_a_broker_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """No redis-server, or a binary that cannot run: ``BrokerError`` saying so."""
+    monkeypatch.setattr(private_broker, "redis_binary", lambda: None)
+    with pytest.raises(BrokerError, match="redis-server is not installed"):
+        PrivateRedis(tmp_path).start()
+    with pytest.raises(BrokerError, match="cannot run /nonexistent/redis-server"):
+        PrivateRedis(tmp_path, binary="/nonexistent/redis-server").start()
+
+
+@needs_redis
+def test_private_redis_answers_and_stops(tmp_path: Path) -> None:
+    """Started: it answers PING on its port, logs to workdir/redis.log; stopped: the port is closed."""
+    with PrivateRedis(tmp_path / "redis") as redis:
+        assert redis.running
+        assert redis.url == f"redis://127.0.0.1:{redis.port}/0"
+        assert redis_ping(redis.port)
+        assert redis.log_path.is_file()
+        redis.start()  # already running: a no-op
+    assert not redis.running
+    assert not port_open(redis.port)
+    assert not redis_ping(redis.port)
+    assert not list((tmp_path / "redis").glob("*.rdb"))  # nothing saved on the way out
+
+
+@needs_redis
+def test_redis_on_a_taken_port_fails_with_the_log_tail(tmp_path: Path) -> None:
+    """A port another process holds: redis-server exits, ``BrokerError`` names the port and its log."""
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        redis = PrivateRedis(tmp_path, port=port)
+        with pytest.raises(BrokerError, match=f"redis-server .* 127.0.0.1:{port}"):
+            redis.start()
+    assert not redis.running

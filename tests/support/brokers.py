@@ -4,14 +4,12 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import shutil
-import subprocess
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from shared import private_broker
-from shared.private_broker import DURABLE, PrivateMosquitto, free_port
+from shared.private_broker import DURABLE, PrivateMosquitto, PrivateRedis
 
 START_TIMEOUT_S = 10.0
 
@@ -29,47 +27,8 @@ class Mosquitto(PrivateMosquitto):
         super().__init__(workdir, dataclasses.replace(DURABLE, extra_conf=extra_conf))
 
 
-@dataclass
-class RedisServer:
-    workdir: Path
-    port: int = field(default_factory=free_port)
-    proc: subprocess.Popen[bytes] | None = None
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    def start(self) -> None:
-        binary = shutil.which("redis-server") or "/usr/bin/redis-server"
-        self.workdir.mkdir(parents=True, exist_ok=True)
-        self.proc = subprocess.Popen(
-            [
-                binary,
-                "--port",
-                str(self.port),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-                "--dir",
-                str(self.workdir),
-                "--logfile",
-                str(self.workdir / "redis.log"),
-            ],
-        )
-        wait_port(self.port)
-
-    def stop(self) -> None:
-        if self.proc is not None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-            self.proc = None
+class RedisServer(PrivateRedis):
+    """A private redis-server (nothing persisted) on a free port: ``url``, ``start()``, ``stop()``."""
 
 
 ADMIN_POSTGRES_URL = "postgresql://postgres@127.0.0.1:5432/postgres"

@@ -7,9 +7,10 @@ import contextlib
 import os
 import signal
 import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
+
+from cloud.worker.process import worker_argv
 
 STOP_TIMEOUT_S = 30.0
 
@@ -21,22 +22,7 @@ def start_celery_worker(
     beat = ["-B", "-s", str(beat_schedule)] if beat_schedule is not None else []
     with log_path.open("ab") as log:
         return subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "celery",
-                "-A",
-                "cloud.worker.app",
-                "worker",
-                *beat,
-                "--loglevel=INFO",
-                "--concurrency=1",
-                "--pool=prefork",
-                f"--hostname={name}-{os.getpid()}@%h",
-                "--without-gossip",
-                "--without-mingle",
-                "--without-heartbeat",
-            ],
+            worker_argv(f"{name}-{os.getpid()}@%h", *beat),
             env=env,
             stdout=log,
             stderr=subprocess.STDOUT,
