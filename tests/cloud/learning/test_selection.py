@@ -3,9 +3,6 @@ of searches and trials (claims, fencing, skips) on SQLite and PostgreSQL."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from pathlib import Path
-
 import numpy as np
 import pytest
 
@@ -14,7 +11,7 @@ from cloud.learning import datasets, selection
 from cloud.learning.selection import Candidate, CandidateScore, TrialOutcome
 from cloud.learning.training import TrainingConfig
 from cloud.registry import selection as registry
-from cloud.registry.db import downgrade, engine_for, session_scope, upgrade
+from cloud.registry.db import session_scope
 
 TEST_MARK = 1000.0
 
@@ -133,20 +130,6 @@ def test_default_candidates_are_named_and_seeded() -> None:
 
 
 # -- the registry rows, on SQLite and PostgreSQL -----------------------------------------------------
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
-    url = (
-        f"sqlite:///{tmp_path / 'registry.db'}"
-        if request.param == "sqlite"
-        else request.getfixturevalue("postgres_url")
-    )
-    upgrade(url)
-    yield url
-    engine_for(url).dispose()
-    if request.param == "postgresql":
-        downgrade(url, "base")
 
 
 def _search(url: str, *, candidates: int = 2, folds: int = 2) -> int:

@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
 from cloud.errors import NotFoundError
 from cloud.registry import identities
-from cloud.registry.db import downgrade, engine_for, session_scope, upgrade
+from cloud.registry.db import session_scope
 from cloud.registry.models import AuditLog
 from shared.identity import (
     IdentityError,
@@ -23,20 +21,6 @@ from shared.identity import (
 )
 
 FAST = 1_000  # iterations: these tests check the bookkeeping, not the hash's cost
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
-    url = (
-        f"sqlite:///{tmp_path / 'registry.db'}"
-        if request.param == "sqlite"
-        else request.getfixturevalue("postgres_url")
-    )
-    upgrade(url)
-    yield url
-    engine_for(url).dispose()
-    if request.param == "postgresql":
-        downgrade(url, "base")
 
 
 def test_hash_is_mosquittos_format_and_verifies() -> None:

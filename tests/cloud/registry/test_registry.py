@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 from sqlalchemy import create_engine, inspect, text
@@ -15,7 +14,7 @@ from sqlalchemy.exc import IntegrityError
 
 from cloud.errors import NotFoundError
 from cloud.registry import crud
-from cloud.registry.db import downgrade, engine_for, session_scope, upgrade
+from cloud.registry.db import engine_for, session_scope
 from cloud.registry.models import Base, ModelVersion
 from shared.schemas import AckStatus, Command, CommandAck, CommandName
 
@@ -39,24 +38,6 @@ def postgres_url() -> Iterator[str]:
         with admin.connect() as conn:
             conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
         admin.dispose()
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
-    if request.param == "sqlite":
-        url = f"sqlite:///{tmp_path / 'registry.db'}"
-        upgrade(url)
-        yield url
-
-        engine_for(url).dispose()
-        return
-    url = request.getfixturevalue("postgres_url")
-    upgrade(url)
-    yield url
-    # Each test starts from an empty schema.
-
-    engine_for(url).dispose()
-    downgrade(url, "base")
 
 
 def test_migration_creates_every_model_table(db_url: str) -> None:
