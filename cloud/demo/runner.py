@@ -431,8 +431,8 @@ class Demo:
         if self.replay is not None:
             # A switch to the held-out part, at each device's next row boundary.
             for device_id in self.topo.device_ids:
-                args = {"sensor": {"options": {"path": str(self.replay.after[device_id])}}}
-                self.monitor.send_command(device_id, CommandName.SET_CONFIG, args)
+                switch: dict[str, Any] = {"sensor": {"options": {"path": str(self.replay.after[device_id])}}}
+                self.monitor.send_command(device_id, CommandName.SET_CONFIG, switch)
             self.drift_ts = time.time()
             self.phase = f"class {self.replay.held_out} joined the replay"
             self.say(

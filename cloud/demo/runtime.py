@@ -714,10 +714,12 @@ def plan_replay(topo: Topology) -> ReplayPlan:
         else f"{options.dataset} has {len(set(y.tolist()))} classes: holding one out would leave the "
         "bootstrap a single class, so no drift is injected (3 classes or more needed)",
     )
-    channels = {"channels": np.array(dataset.channels)} if dataset.channels else {}
+    arrays: dict[str, Any] = {"class_names": np.array(names)}
+    if dataset.channels:
+        arrays["channels"] = np.array(dataset.channels)
 
     def write(path: Path, rows: Any) -> Path:
-        np.savez(path, X=dataset.X[rows], y=y[rows], class_names=np.array(names), **channels)
+        np.savez(path, X=dataset.X[rows], y=y[rows], **arrays)
         return path
 
     for index, device_id in enumerate(devices):
